@@ -1,0 +1,71 @@
+"""Lightning callbacks that write what people look at: confusion matrices and prediction grids in TensorBoard."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from headstart.transforms import denormalize
+from headstart.visuals import confusion_figure, prediction_grid
+
+
+def _tensorboards(trainer: L.Trainer) -> list:
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+class ConfusionMatrixLogger(L.Callback):
+    """Logs a confusion-matrix image per classification task after each validation epoch and after testing."""
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        result = getattr(pl_module, "epoch_results", {}).get(stage)
+        if not result:
+            return
+        for writer in _tensorboards(trainer):
+            for path, matrix in result["confusion"].items():
+                if matrix is None:
+                    continue
+                classes = pl_module.flow.tasks[path].classes
+                fig = confusion_figure(matrix, classes, title=f"{stage}/{path}")
+                writer.add_figure(f"{stage}/{path}/confusion", fig, global_step=trainer.global_step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module, "test")
+
+
+class PredictionGridLogger(L.Callback):
+    """Logs a grid of the first validation images with their predicted and true class (first task)."""
+
+    def __init__(self, num_images: int = 16) -> None:
+        self.num_images = num_images
+        self._batch: dict | None = None
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking:
+            self._batch = {
+                "inputs": batch["inputs"][: self.num_images],
+                "targets": {k: v[: self.num_images] for k, v in batch["targets"].items()},
+            }
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batch, self._batch = self._batch, None
+        transform = getattr(pl_module, "input_transform", None)
+        if batch is None or transform is None or batch["inputs"].dim() != 4 or trainer.fast_dev_run:
+            return
+        path = pl_module.flow.leaf_paths[0]
+        classes = pl_module.flow.tasks[path].classes
+        with torch.no_grad():
+            predicted = pl_module(batch["inputs"])[path].argmax(-1).tolist()
+        truth = batch["targets"][path]
+        truths = ["?" if torch.isnan(t) else classes[int(t)] for t in truth]
+        images = denormalize(batch["inputs"].float(), transform)
+        fig = prediction_grid(images, truths, [classes[i] for i in predicted])
+        for writer in _tensorboards(trainer):
+            writer.add_figure(f"val/{path}/predictions", fig, global_step=trainer.global_step)

@@ -1,0 +1,189 @@
+"""Validate a composed config before any work: unknown keys and wrong types stop the run with the key's name.
+
+Plain sections are checked against dataclass schemas (OmegaConf structured configs); nodes that build objects
+(`_target_`) are checked against the signature of what they build.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from headstart.errors import ConfigError
+
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+@dataclass
+class BackboneSchema:
+    name: str = "small_cnn"
+    weights: str | None = None
+    freeze: bool = True
+    trainable_stages: int = 0
+
+
+@dataclass
+class ModelSchema:
+    hidden: list[int] = field(default_factory=list)
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class MonitorSchema:
+    metric: str = "val/loss"
+    mode: str = "min"
+
+
+@dataclass
+class PathsSchema:
+    root_dir: str = "."
+    data_dir: str = "data"
+    log_dir: str = "outputs"
+    sweep_dir: str = "multirun"
+    output_dir: str = "outputs"
+
+
+@dataclass
+class TrainSchema:
+    name: str = "default"
+    seed: int = 42
+    train: bool = True
+    test: bool = True
+    ckpt_path: str | None = None
+    resume: str | None = None
+    tags: list[str] = field(default_factory=list)
+    monitor: MonitorSchema = field(default_factory=MonitorSchema)
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    backbone: BackboneSchema = field(default_factory=BackboneSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    data: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    trainer: Any = None
+    callbacks: Any = None
+    logger: Any = None
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first bad key of a composed train config."""
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    try:
+        OmegaConf.merge(OmegaConf.structured(TrainSchema), plain)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e)) from None
+    if cfg.monitor.mode not in ("min", "max"):
+        raise ConfigError(f"monitor.mode must be 'min' or 'max', got {cfg.monitor.mode!r}")
+    for key in ("data", "optimizer", "trainer"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"'{key}' is missing from the config; choose one with {key}=<name>")
+    check_targets(cfg, ["data", "optimizer", "scheduler", "trainer", "callbacks", "logger"])
+
+
+def check_targets(cfg: DictConfig, keys: list[str]) -> None:
+    """Check every `_target_` node below `keys`: the target imports, and its keys are parameters of it."""
+    for key in keys:
+        node = cfg.get(key)
+        if node is not None:
+            _walk(node, key)
+
+
+def _walk(node: Any, where: str) -> None:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            _check_target(node, where)
+        for k in node:
+            if k not in _HYDRA_KEYS:
+                _walk(node._get_node(k), f"{where}.{k}")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            _walk(node._get_node(i), f"{where}[{i}]")
+
+
+def _check_target(node: DictConfig, where: str) -> None:
+    target = node._target_
+    try:
+        obj = get_object(target)
+    except Exception:
+        raise ConfigError(
+            f"{where}._target_: cannot import '{target}'; check the spelling of the class path"
+        ) from None
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    params = {n: p for n, p in sig.parameters.items() if n != "self"}
+    hints = _type_hints(fn)
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in node:
+        if key in _HYDRA_KEYS:
+            continue
+        if key not in params:
+            if accepts_kwargs:
+                continue
+            close = difflib.get_close_matches(str(key), list(params), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; {target} accepts: {', '.join(params)}"
+            raise ConfigError(f"unknown key '{where}.{key}'{hint}")
+        value = node._get_node(key)
+        if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
+            continue
+        value = value._value() if hasattr(value, "_value") else value
+        expected = hints.get(key)
+        if expected is not None and not _matches(value, expected):
+            raise ConfigError(
+                f"'{where}.{key}' must be {_type_name(expected)}, got {value!r} ({type(value).__name__})"
+            )
+
+
+def _type_hints(fn: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+_SIMPLE = (int, float, bool, str)
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    """Only simple annotations are checked (int, float, bool, str and Optional/Union of them); others pass."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(expected)
+        if not all(o in _SIMPLE or o is type(None) for o in options):
+            return True
+        return any(_matches(value, o) for o in options)
+    if expected is type(None):
+        return value is None
+    if expected not in _SIMPLE:
+        return True
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).splitlines()[0]
+    if "not in" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        return (
+            f"unknown key '{key}': {msg}. Check its spelling on the command line or in the config files"
+            + (f" (section '{parent}')." if parent else ".")
+        )
+    return f"invalid value for '{key}': {msg}"

@@ -1,0 +1,60 @@
+"""Data: sample tables (folders, CSV), image DataModules, built-in data sets.
+
+A batch is a dict: "inputs" float[B,3,H,W] (normalized), "targets" {"label": float[B]} (class index, NaN where
+missing), "index" long[B] (the row in the sample table).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from headstart.data.digits import DigitsDataModule, materialize_digits
+from headstart.data.images import (
+    BadImageWarning,
+    CsvDataModule,
+    FolderDataModule,
+    ImageDataModule,
+    ImageDataset,
+    ImbalanceWarning,
+    collate_skip_none,
+    load_rgb,
+)
+from headstart.data.samples import (
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    SampleTable,
+    csv_table,
+    folder_table,
+    layout_help,
+    stratified_split,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SPLITS",
+    "BadImageWarning",
+    "CsvDataModule",
+    "DigitsDataModule",
+    "FolderDataModule",
+    "ImageDataModule",
+    "ImageDataset",
+    "ImbalanceWarning",
+    "SampleTable",
+    "build_dog_cat",
+    "collate_skip_none",
+    "csv_table",
+    "folder_table",
+    "layout_help",
+    "load_rgb",
+    "materialize_digits",
+    "stratified_split",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported lazily so that `python -m headstart.data.pets` does not find the module already imported.
+    if name == "build_dog_cat":
+        from headstart.data.pets import build_dog_cat
+
+        return build_dog_cat
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

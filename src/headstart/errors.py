@@ -1,0 +1,17 @@
+"""Errors a user can cause. Each message names the problem and the fix; entry scripts print it without a traceback."""
+
+
+class HeadstartError(Exception):
+    """Base class: a problem with the user's input, not a bug in headstart."""
+
+
+class ConfigError(HeadstartError):
+    """The composed configuration is invalid (unknown key, wrong type, impossible value)."""
+
+
+class DataError(HeadstartError):
+    """The data on disk is missing, malformed or does not match the configuration."""
+
+
+class WeightsError(HeadstartError):
+    """Backbone weights cannot be found, downloaded or matched onto the architecture."""

@@ -1,0 +1,40 @@
+"""The flow head: an optional MLP trunk shared by all tasks, then one linear layer per task."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from headstart.flow.flow import TaskFlow
+
+
+class FlowHead(nn.Module):
+    """features float[B, D] (or [B, C, h, w], pooled) -> {task path: logits}."""
+
+    def __init__(
+        self, in_features: int, flow: TaskFlow, hidden: list[int] | None = None, dropout: float = 0.0
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden or []:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = h
+        if not hidden and dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        self.trunk = nn.Sequential(*layers)
+        # ModuleDict keys cannot contain dots; task paths can.
+        self.outputs = nn.ModuleDict(
+            {_key(p): nn.Linear(width, t.num_outputs) for p, t in flow.tasks.items()}
+        )
+        self.paths = flow.leaf_paths
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        if features.dim() == 4:
+            features = features.mean(dim=(2, 3))
+        z = self.trunk(features)
+        return {p: self.outputs[_key(p)](z) for p in self.paths}
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "__")

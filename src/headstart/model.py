@@ -1,0 +1,168 @@
+"""The LightningModule: an optional backbone plus a flow head. The same code trains on images and on features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from headstart.backbones import Backbone, build_backbone
+from headstart.errors import ConfigError
+from headstart.flow import FlowHead, FlowMetrics, TaskFlow
+from headstart.flow.tasks import FlowSpecError
+from headstart.transforms import InputTransform
+
+STAGES = ("train", "val", "test")
+
+
+class HeadstartModel(L.LightningModule):
+    """Backbone (optional) -> FlowHead -> {task: logits}.
+
+    Every constructor argument is plain data (names, numbers, dicts), so checkpoints load with
+    `torch.load(..., weights_only=True)` and the model is rebuilt from its hyperparameters.
+
+    Args:
+        flow: the flow spec, `{"tasks": {...}}`.
+        backbone: `{"name", "weights", "freeze", "trainable_stages"}`, or None to train on features.
+        head: `{"hidden": [..], "dropout": float}`.
+        optimizer: a Hydra node with `_target_` and `_partial_: true`, called with the trainable parameters.
+        scheduler: the same for an LR scheduler (called with the optimizer), or None.
+        feature_dim: input size of the head when there is no backbone.
+        transform: the input transform (dict) when there is no backbone to take it from.
+        class_weights: `{task: [w per class]}` for imbalanced data.
+        label_smoothing: passed to cross-entropy.
+    """
+
+    def __init__(
+        self,
+        flow: dict,
+        optimizer: dict,
+        backbone: dict | None = None,
+        head: dict | None = None,
+        scheduler: dict | None = None,
+        feature_dim: int | None = None,
+        transform: dict | None = None,
+        class_weights: dict[str, list[float]] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        try:
+            self.flow = TaskFlow.from_spec(flow)
+        except FlowSpecError as e:
+            raise ConfigError(f"flow: {e}") from None
+        self.backbone: Backbone | None = build_backbone(**backbone) if backbone else None
+        if self.backbone is not None:
+            feature_dim = self.backbone.feature_dim
+            self.input_transform: InputTransform | None = self.backbone.transform
+        else:
+            if feature_dim is None:
+                raise ConfigError(
+                    "a model without a backbone needs feature_dim (the size of the stored features)"
+                )
+            self.input_transform = InputTransform.from_dict(transform) if transform else None
+        head = head or {}
+        self.head = FlowHead(
+            feature_dim, self.flow, hidden=list(head.get("hidden", [])), dropout=head.get("dropout", 0.0)
+        )
+        self.metrics = torch.nn.ModuleDict({f"{s}_metrics": FlowMetrics(self.flow) for s in STAGES})
+        for path, w in (class_weights or {}).items():
+            self.register_buffer(
+                f"_class_weight_{path.replace('.', '__')}", torch.tensor(w, dtype=torch.float32)
+            )
+        # What the last epoch of each stage measured; callbacks read it (confusion matrices, reports).
+        self.epoch_results: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> HeadstartModel:
+        """Rebuild a model from a headstart checkpoint without unpickling code or fetching weights."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        hparams = dict(ckpt["hyper_parameters"])
+        if hparams.get("backbone"):
+            hparams["backbone"] = {**hparams["backbone"], "weights": None}
+        model = cls(**hparams)
+        model.load_state_dict(ckpt["state_dict"])
+        return model
+
+    def _class_weights(self) -> dict[str, torch.Tensor]:
+        return {
+            p: getattr(self, f"_class_weight_{p.replace('.', '__')}")
+            for p in (self.hparams.class_weights or {})
+        }
+
+    def train(self, mode: bool = True) -> HeadstartModel:
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.train(mode)  # keeps frozen parts in eval mode
+        return self
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.backbone is None:
+            return inputs
+        if self.backbone.frozen:
+            with torch.no_grad():
+                return self.backbone(inputs)
+        return self.backbone(inputs)
+
+    def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(self.features(inputs))
+
+    def _step(self, batch: dict | None, stage: str) -> torch.Tensor | None:
+        if batch is None:  # every image of the batch was unreadable (and skipped with a warning)
+            return None
+        logits = self(batch["inputs"])
+        total, per_task = self.flow.loss(
+            logits, batch["targets"], self._class_weights(), label_smoothing=self.hparams.label_smoothing
+        )
+        n = batch["inputs"].shape[0]
+        self.log(f"{stage}/loss", total, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n)
+        if len(per_task) > 1:
+            for path, loss in per_task.items():
+                self.log(f"{stage}/{path}/loss", loss, on_epoch=True, batch_size=n)
+        self.metrics[f"{stage}_metrics"].update(logits, batch["targets"])
+        return total
+
+    def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        logits = self(batch["inputs"])
+        return {"index": batch["index"], "logits": logits, "predictions": self.flow.predict(logits)}
+
+    def _epoch_end(self, stage: str) -> None:
+        metrics = self.metrics[f"{stage}_metrics"]
+        values = metrics.compute()
+        self.epoch_results[stage] = {
+            "metrics": {k: float(v) for k, v in values.items()},
+            "confusion": {p: metrics.confusion(p) for p in self.flow.leaf_paths},
+        }
+        self.log_dict({f"{stage}/{k}": v.float() for k, v in values.items()}, prog_bar=False)
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_end("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("nothing to train: the backbone is frozen and the head has no parameters")
+        optimizer = instantiate(self.hparams.optimizer)(params=params)
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

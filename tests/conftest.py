@@ -1,0 +1,48 @@
+"""Shared test helpers: the repository root, the real data beside it, composing configs the way users do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test when it is absent."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (real test data lives in ../shared/data)")
+    return path
+
+
+def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
+    """Compose conf/train.yaml with overrides; outputs, data and logs go under tmp_path."""
+    base = [
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "data.num_workers=0",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return compose("train", overrides=base + overrides)
+
+
+def run_script(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run an entry script as a user would (python train.py ...) and capture its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir shared by tests in one session, where digits are materialized once."""
+    return tmp_path_factory.getbasetemp() / "data"
