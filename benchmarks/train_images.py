@@ -83,7 +83,9 @@ def main() -> None:
         for _ in range(args.rounds):
             timer = EpochTimer()
             model = build_model(cfg, datamodule)
-            trainer = instantiate(cfg.trainer, callbacks=[*build_callbacks(cfg), timer], logger=build_loggers(cfg))
+            trainer = instantiate(
+                cfg.trainer, callbacks=[*build_callbacks(cfg), timer], logger=build_loggers(cfg)
+            )
             trainer.fit(model, datamodule=datamodule)
             headstart_rates += [n / t for t in timer.times[1:]]
 
@@ -91,10 +93,14 @@ def main() -> None:
             bare_rates += [n / t for t in bare_epochs(model, datamodule.train_dataloader(), args.epochs)[1:]]
 
     h, b = statistics.median(headstart_rates), statistics.median(bare_rates)
-    print(f"experiment={args.experiment} images/epoch={n} workers={args.workers} threads={torch.get_num_threads()}")
+    print(
+        f"experiment={args.experiment} images/epoch={n} workers={args.workers} threads={torch.get_num_threads()}"
+    )
     print(f"bare PyTorch loop : {b:8.1f} images/s (median of {len(bare_rates)} epochs)")
     print(f"headstart         : {h:8.1f} images/s (median of {len(headstart_rates)} epochs)")
-    print(f"overhead          : {100 * (b / h - 1):+.1f}% time per image (headstart/bare throughput = {h / b:.3f})")
+    print(
+        f"overhead          : {100 * (b / h - 1):+.1f}% time per image (headstart/bare throughput = {h / b:.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -38,7 +40,13 @@ def run_script(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.C
     """Run an entry script as a user would (python train.py ...) and capture its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -46,3 +54,21 @@ def run_script(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.C
 def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir shared by tests in one session, where digits are materialized once."""
     return tmp_path_factory.getbasetemp() / "data"
+
+
+def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (20, 14), gray: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) if gray else (size[1], size[0], 3)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+    return path
+
+
+def make_tree(root: Path, spec: dict[str, dict[str, int]], ext: str = ".png") -> None:
+    """spec: {"train": {"cat": 3, ...}, ...}; use "" as split for class folders directly under root."""
+    k = 0
+    for split, by_class in spec.items():
+        for cls, n in by_class.items():
+            for i in range(n):
+                make_image(root / split / cls / f"{cls}_{i:03d}{ext}", seed=k)
+                k += 1

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, make_image, make_tree
 from PIL import Image
 from torch.utils.data import WeightedRandomSampler
 
@@ -30,26 +31,7 @@ from headstart.data.pets import build_dog_cat, main
 from headstart.errors import ConfigError, DataError
 from headstart.transforms import InputTransform, eval_transform
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 T16 = InputTransform(resize=16, crop=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-
-
-def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (20, 14), gray: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    shape = (size[1], size[0]) if gray else (size[1], size[0], 3)
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
-    return path
-
-
-def make_tree(root: Path, spec: dict[str, dict[str, int]], ext: str = ".png") -> None:
-    """spec: {"train": {"cat": 3, ...}, ...}; use "" as split for class folders directly under root."""
-    k = 0
-    for split, by_class in spec.items():
-        for cls, n in by_class.items():
-            for i in range(n):
-                make_image(root / split / cls / f"{cls}_{i:03d}{ext}", seed=k)
-                k += 1
 
 
 def truncated_jpeg(path: Path) -> Path:

@@ -44,7 +44,10 @@ def test_metrics_ignore_missing_labels_and_count_rows():
     flow = _flow()
     metrics = FlowMetrics(flow)
     # batch 1: two right, one missing; batch 2: nothing labelled (must not drag the average down)
-    metrics.update({"label": torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [0, 0, 9.0]])}, {"label": torch.tensor([0.0, 1.0, float("nan")])})
+    metrics.update(
+        {"label": torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [0, 0, 9.0]])},
+        {"label": torch.tensor([0.0, 1.0, float("nan")])},
+    )
     metrics.update({"label": torch.randn(2, 3)}, {"label": torch.tensor([float("nan"), float("nan")])})
     metrics.update({"label": torch.tensor([[9.0, 0, 0]])}, {"label": torch.tensor([2.0])})
     out = metrics.compute()

@@ -116,14 +116,9 @@ def _check_target(node: DictConfig, where: str) -> None:
         raise ConfigError(
             f"{where}._target_: cannot import '{target}'; check the spelling of the class path"
         ) from None
-    fn = obj.__init__ if inspect.isclass(obj) else obj
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
+    params, hints, accepts_kwargs = _parameters(obj)
+    if params is None:
         return
-    params = {n: p for n, p in sig.parameters.items() if n != "self"}
-    hints = _type_hints(fn)
-    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key in node:
         if key in _HYDRA_KEYS:
             continue
@@ -142,6 +137,27 @@ def _check_target(node: DictConfig, where: str) -> None:
             raise ConfigError(
                 f"'{where}.{key}' must be {_type_name(expected)}, got {value!r} ({type(value).__name__})"
             )
+
+
+def _parameters(obj: Any) -> tuple[dict[str, inspect.Parameter] | None, dict[str, Any], bool]:
+    """Parameters a target accepts. A class whose __init__ passes **kwargs on to its base gets the base's too."""
+    functions = [obj]
+    if inspect.isclass(obj):
+        functions = [c.__init__ for c in inspect.getmro(obj) if "__init__" in vars(c) and c is not object]
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for fn in functions:
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return None, {}, True
+        own = {n: p for n, p in sig.parameters.items() if n != "self"}
+        kinds = {p.kind for p in own.values()}
+        params.update({n: p for n, p in own.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)})
+        hints = {**_type_hints(fn), **hints}
+        if inspect.Parameter.VAR_KEYWORD not in kinds:
+            return params, hints, False
+    return params, hints, True
 
 
 def _type_hints(fn: Any) -> dict[str, Any]:

@@ -26,16 +26,17 @@ def summarize_sweep(sweep_dir: Path) -> pd.DataFrame | None:
         monitor, mode = config.monitor.metric, config.monitor.mode
         metrics_file = job / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        row: dict[str, Any] = {
-            "job": job.name,
-            "overrides": " ".join(overrides),
-            "status": "ok" if metrics else "failed",
-        }
-        row.update({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        row: dict[str, Any] = {"job": job.name}
+        row.update(dict(o.split("=", 1) for o in overrides if "=" in o))
+        row["status"] = "ok" if metrics else "failed"
+        row.update({k: v for k, v in metrics.items() if isinstance(v, int | float) and not k.endswith("/count")})
         rows.append(row)
     if not rows:
         return None
     table = pd.DataFrame(rows)
+    override_keys = [c for c in table.columns[1:] if c != "status" and "/" not in c]
+    constant = [k for k in override_keys if table[k].nunique(dropna=False) == 1]
+    table = table.drop(columns=constant)  # the same in every job: not what the sweep compares
     if monitor in table:
         table = table.sort_values(monitor, ascending=(mode == "min"), na_position="last")
     table.to_csv(sweep_dir / "summary.csv", index=False)
