@@ -29,7 +29,9 @@ def summarize_sweep(sweep_dir: Path) -> pd.DataFrame | None:
         row: dict[str, Any] = {"job": job.name}
         row.update(dict(o.split("=", 1) for o in overrides if "=" in o))
         row["status"] = "ok" if metrics else "failed"
-        row.update({k: v for k, v in metrics.items() if isinstance(v, int | float) and not k.endswith("/count")})
+        row.update(
+            {k: v for k, v in metrics.items() if isinstance(v, int | float) and not k.endswith("/count")}
+        )
         rows.append(row)
     if not rows:
         return None
