@@ -69,9 +69,9 @@ def main() -> None:
             f"paths.output_dir={tmp}",
             f"data.num_workers={args.workers}",
             f"trainer.max_epochs={args.epochs}",
-            "trainer.limit_val_batches=0",
-            "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false",
+            "++trainer.limit_val_batches=0",
+            "++trainer.enable_progress_bar=false",
+            "++trainer.enable_model_summary=false",
             *args.overrides,
         ]
         with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):

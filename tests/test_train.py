@@ -135,6 +135,28 @@ def test_checkpoint_loads_with_weights_only_and_predicts_the_same(digits_run):
 
 
 @pytest.mark.slow
+def test_a_trained_backbone_is_the_frozen_core_of_the_next_run(digits_run, tmp_path):
+    best = digits_run / "checkpoints" / "best.ckpt"
+    data_dir = digits_run.parents[2] / "data"
+    cfg = compose_train(
+        [
+            f"backbone.weights={best}",
+            "backbone.freeze=true",
+            f"paths.data_dir={data_dir}",
+            "trainer.max_epochs=1",
+        ],
+        tmp_path,
+    )
+    train(cfg)
+    source = torch.load(best, weights_only=True)["state_dict"]
+    result = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    body = [k for k in source if k.startswith("backbone.body.")]
+    assert body and all(torch.equal(source[k], result[k]) for k in body)  # loaded, and frozen (BN stats too)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test/label/acc"] >= 0.9  # a fresh head on trained features learns in one epoch
+
+
+@pytest.mark.slow
 def test_resume_latest_continues_the_newest_run(digits_run):
     base = digits_run.parents[2]
     result = run_script(
