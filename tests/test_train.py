@@ -343,3 +343,15 @@ def test_csv_sample_table_trains(tmp_path):
     train(cfg)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["flow"]["tasks"]["label"]["classes"] == ["even", "odd"]
+
+
+def test_class_weights_of_an_imbalanced_folder_reach_the_model(tmp_path):
+    make_tree(tmp_path / "imgs", {"train": {"few": 6, "many": 24}})
+    cfg = compose_train(
+        ["data=folder", f"data.root={tmp_path / 'imgs'}", "data.balance=weights", "trainer.max_epochs=1"],
+        tmp_path,
+    )
+    train(cfg)
+    hp = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]
+    few, many = hp["class_weights"]["label"]
+    assert few > 2 * many

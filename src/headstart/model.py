@@ -93,12 +93,6 @@ class HeadstartModel(L.LightningModule):
             for p in (self.hparams.class_weights or {})
         }
 
-    def train(self, mode: bool = True) -> HeadstartModel:
-        super().train(mode)
-        if self.backbone is not None:
-            self.backbone.train(mode)  # keeps frozen parts in eval mode
-        return self
-
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.backbone is None:
             return inputs
