@@ -428,6 +428,7 @@ def test_pets_offline_and_missing_errors(tmp_path: Path, monkeypatch: pytest.Mon
     assert "Downloading Oxford-IIIT Pet" in msg and "failed" in msg and "network" in msg
     assert "train/cat/*.jpg" in msg  # how to lay it out by hand
     assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "raw").exists()  # nothing half-downloaded left behind
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     with pytest.raises(DataError, match="not found") as err:

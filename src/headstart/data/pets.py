@@ -85,8 +85,14 @@ def build_dog_cat(
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise DataError(f"{out} already exists and is not a finished build; delete it or choose another OUT.")
 
-    trainval = _load_split(download_root, "trainval", download, out)
-    test = _load_split(download_root, "test", False, out)  # the first call downloaded everything
+    fresh_root = not download_root.exists()
+    try:
+        trainval = _load_split(download_root, "trainval", download, out)
+        test = _load_split(download_root, "test", False, out)  # the first call downloaded everything
+    except DataError:
+        if fresh_root:  # a failed download leaves torchvision's empty folders behind
+            shutil.rmtree(download_root, ignore_errors=True)
+        raise
     tv_split = stratified_split(np.asarray(trainval[1], dtype=np.float64), val_fraction, 0.0, seed)
     plan = list(zip(trainval[0], trainval[1], tv_split, strict=True))
     plan += [(p, y, "test") for p, y in zip(*test, strict=True)]
