@@ -137,6 +137,16 @@ class Backbone(nn.Module):
                 m.eval()
         return self
 
+    def weights_sha256(self) -> str:
+        """sha256 over the body's state (names, shapes, dtypes and bytes, in order): the identity of its weights."""
+        h = hashlib.sha256()
+        for key, tensor in self.body.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, feature_dim={self.feature_dim}, stages={len(self.stages)}"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -69,3 +71,37 @@ class PredictionGridLogger(L.Callback):
         fig = prediction_grid(images, truths, [classes[i] for i in predicted])
         for writer in _tensorboards(trainer):
             writer.add_figure(f"val/{path}/predictions", fig, global_step=trainer.global_step)
+
+
+class EpochCostTimer(L.Callback):
+    """Per training epoch: the wall time without validation, and the part of it spent in the training steps.
+
+    The rest of an epoch is loading batches and the loop around the steps.
+    """
+
+    def __init__(self) -> None:
+        self.epoch_seconds: list[float] = []
+        self.step_seconds: list[float] = []
+        self._validating = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._steps = 0.0
+        self._validating = 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validating += time.perf_counter() - self._val_start
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._steps += time.perf_counter() - self._step_start
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_seconds.append(time.perf_counter() - self._epoch_start - self._validating)
+        self.step_seconds.append(self._steps)

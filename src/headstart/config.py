@@ -53,6 +53,21 @@ class PathsSchema:
 
 
 @dataclass
+class ExtractSchema:
+    dir: str = "dof"
+    dataset: str = "default"
+    path: str | None = None
+    views: int = 1
+    dtype: str = "float16"
+    batch_size: int = 64
+    shard_size: int = 4096
+    num_workers: int = 2
+    progress: bool = True
+    train_batch_size: int = 256
+    memory_budget: int = 2 * 1024**3
+
+
+@dataclass
 class TrainSchema:
     name: str = "default"
     seed: int = 42
@@ -61,6 +76,9 @@ class TrainSchema:
     ckpt_path: str | None = None
     resume: str | None = None
     tags: list[str] = field(default_factory=list)
+    features: bool = False
+    verify: bool = False
+    extract: ExtractSchema = field(default_factory=ExtractSchema)
     monitor: MonitorSchema = field(default_factory=MonitorSchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
     backbone: BackboneSchema = field(default_factory=BackboneSchema)
@@ -73,6 +91,11 @@ class TrainSchema:
     logger: Any = None
 
 
+def plain(node: Any) -> Any:
+    """A resolved config node as plain Python containers (what checkpoints and manifests may hold)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first bad key of a composed train config."""
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
@@ -80,6 +103,10 @@ def validate_train_config(cfg: DictConfig) -> None:
         OmegaConf.merge(OmegaConf.structured(TrainSchema), plain)
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
+    if cfg.extract.dtype not in ("float16", "float32"):
+        raise ConfigError(f"extract.dtype must be float16 or float32, got {cfg.extract.dtype!r}")
+    if cfg.extract.views < 1:
+        raise ConfigError(f"extract.views must be at least 1, got {cfg.extract.views}")
     if cfg.monitor.mode not in ("min", "max"):
         raise ConfigError(f"monitor.mode must be 'min' or 'max', got {cfg.monitor.mode!r}")
     for key in ("data", "optimizer", "trainer"):

@@ -19,28 +19,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 import headstart
-from headstart.backbones import Backbone
+from headstart.backbones import Backbone, backbone_transform, build_backbone
+from headstart.config import plain, validate_train_config
 from headstart.data import ImageDataModule, collate_skip_none
-from headstart.dof import DofWriter, fingerprint, open_dof
+from headstart.dof import DofError, DofWriter, fingerprint, open_dof
+from headstart.errors import ConfigError, DataError
 from headstart.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
 CUT_POINT = "pre-logits: the input of the model's last linear classifier, globally pooled"
-
-
-def weights_sha256(backbone: Backbone) -> str:
-    """sha256 over the backbone's state (names, shapes, dtypes and bytes, in order): its weights' identity."""
-    h = hashlib.sha256()
-    for name, tensor in backbone.body.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def files_sha256(datamodule: ImageDataModule) -> str:
@@ -58,7 +52,7 @@ def dof_spec(
 ) -> dict[str, Any]:
     """What determines the features: the fingerprint is the hash of this."""
     return {
-        "backbone": {"name": backbone.name, "weights_sha256": weights_sha256(backbone), "cut": CUT_POINT},
+        "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_sha256(), "cut": CUT_POINT},
         "transform": backbone.transform.to_dict(),
         "augment": list(augment or []) if views > 1 else [],
         "views": int(views),
@@ -93,6 +87,7 @@ def extract_dof(
     num_workers: int = 2,
     seed: int = 0,
     meta: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Path:
@@ -187,6 +182,7 @@ def extract_dof(
         "torch_threads": torch.get_num_threads(),
         "num_workers": num_workers,
         "machine": platform.machine(),
+        "config": config,
     }
     # HNCT: the backbone's cost of one epoch over the images, decoding included (one view of every sample).
     if images and seconds:
@@ -195,16 +191,20 @@ def extract_dof(
     return root
 
 
-def manifest_meta(backbone: Backbone, datamodule: ImageDataModule, spec: dict, config: dict | None) -> dict:
-    """Everything the manifest says beyond the shards: provenance, transform, tasks, the sample table."""
+def manifest_meta(backbone: Backbone, datamodule: ImageDataModule, spec: dict) -> dict:
+    """Everything the manifest says beyond the shards: provenance, transform, tasks, the sample table.
+
+    Only what determines the set goes here (a resumed extraction must produce the same meta); the run's resolved
+    config and timings go into the manifest's stats.
+    """
     import timm
     import torchvision
 
     frame = datamodule.table.frame
     return {
         "tool": {"name": "headstart", "version": headstart.__version__},
+        "fingerprint": fingerprint(spec),
         "fingerprint_spec": spec,
-        "config": config,
         "backbone": {
             **spec["backbone"],
             "libraries": {
@@ -245,6 +245,97 @@ def find_or_extract(
         open_dof(root)  # sizes checked: a damaged set is an error, not a silent reuse
         log.info("reusing DoF set %s", root)
         return root, True
-    meta = manifest_meta(backbone, datamodule, spec, config)
-    extract_dof(datamodule, backbone, root, views=views, dtype=dtype, meta=meta, **kwargs)
+    meta = manifest_meta(backbone, datamodule, spec)
+    extract_dof(datamodule, backbone, root, views=views, dtype=dtype, meta=meta, config=config, **kwargs)
     return root, False
+
+
+# --- from a composed config (extract.py, and train.py with features=true) ---------------------------------------
+
+
+def _image_datamodule(cfg: DictConfig) -> ImageDataModule:
+    datamodule = instantiate(cfg.data, transform=backbone_transform(cfg.backbone.name))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def _frozen_backbone(cfg: DictConfig) -> Backbone:
+    return build_backbone(**{**plain(cfg.backbone), "freeze": True, "trainable_stages": 0})
+
+
+def dof_for_config(cfg: DictConfig) -> tuple[Path, bool]:
+    """The DoF set for the configured data and backbone: (path, reused). Extracts (or resumes) when missing.
+
+    With `extract.path` set, that set is used as given and must match the configured backbone and transform.
+    """
+    ex = cfg.extract
+    if ex.path:
+        path = Path(ex.path)
+        check_set_matches(path, cfg)
+        return path, True
+    config = plain(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    return find_or_extract(
+        _image_datamodule(cfg),
+        _frozen_backbone(cfg),
+        ex.dir,
+        ex.dataset,
+        views=ex.views,
+        dtype=ex.dtype,
+        augment_policy=plain(cfg.data.get("augment")),
+        config=config,
+        batch_size=ex.batch_size,
+        shard_size=ex.shard_size,
+        num_workers=ex.num_workers,
+        seed=cfg.seed,
+        progress=ex.progress,
+    )
+
+
+def check_set_matches(path: Path, cfg: DictConfig) -> None:
+    """Stop with a message naming the difference when a set was not made with the configured backbone/transform."""
+    try:
+        meta = open_dof(path).meta
+    except DofError as e:
+        raise DataError(str(e)) from None
+    made, wanted = meta["backbone"]["name"], cfg.backbone.name
+    if made != wanted:
+        raise ConfigError(
+            f"DoF set {path} was extracted with backbone '{made}', but the config asks for '{wanted}'. "
+            f"Use backbone={made}, or drop extract.path so the matching set is found (or extracted)."
+        )
+    transform = backbone_transform(wanted).to_dict()
+    if meta["transform"] != transform:
+        diff = {
+            k: (meta["transform"].get(k), v) for k, v in transform.items() if meta["transform"].get(k) != v
+        }
+        raise ConfigError(
+            f"DoF set {path} used another input transform than backbone '{wanted}': {diff} (set, config)"
+        )
+    sha = _frozen_backbone(cfg).weights_sha256()
+    if meta["backbone"]["weights_sha256"] != sha:
+        raise ConfigError(
+            f"DoF set {path} was extracted with other '{wanted}' weights (sha256 {meta['backbone']['weights_sha256'][:12]}, "
+            f"configured {sha[:12]}): backbone.weights={cfg.backbone.weights} differs from the extraction's."
+        )
+
+
+def extract(cfg: DictConfig) -> Path:
+    """extract.py: find, resume or write the DoF set of the configured data and backbone; verify it if asked."""
+    validate_train_config(cfg)
+    path, reused = dof_for_config(cfg)
+    dof = open_dof(path, verify=bool(cfg.verify))
+    what = "verified (sizes and sha256)" if cfg.verify else "complete"
+    stats = dof.manifest.get("stats", {})
+    log.info(
+        "DoF set %s: %s, %s; splits %s; features %s %s; %s",
+        path,
+        "reused" if reused else "extracted",
+        what,
+        {s: len(dof.split(s)) for s in dof.splits},
+        tuple(dof.feature_shape),
+        dof.feature_dtype,
+        f"{stats.get('images_per_second')} images/s" if not reused else "nothing recomputed",
+    )
+    print(path)
+    return path

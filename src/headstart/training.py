@@ -7,41 +7,55 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from headstart.backbones import backbone_transform
-from headstart.config import validate_train_config
+from headstart.benefit import describe, dof_benefit
+from headstart.callbacks import EpochCostTimer
+from headstart.config import plain, validate_train_config
+from headstart.data.features import FeatureDataModule
+from headstart.extraction import dof_for_config
 from headstart.model import HeadstartModel
+from headstart.reattach import attach_backbone, check_reattached, save_model
 from headstart.runs import resolve_resume, write_json
 
 log = logging.getLogger(__name__)
 
 
-def plain(node: Any) -> Any:
-    """A resolved config node as plain Python containers (what checkpoints may hold)."""
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
-
-
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The configured DataModule, with the backbone's input transform, prepared and set up."""
-    datamodule = instantiate(cfg.data, transform=backbone_transform(cfg.backbone.name))
-    datamodule.prepare_data()
+    """The configured DataModule, prepared and set up: images with the backbone's input transform, or (with
+    `features=true`) the DoF set of those images, found by fingerprint and extracted when missing."""
+    if cfg.features:
+        path, _ = dof_for_config(cfg)
+        datamodule = FeatureDataModule(
+            path,
+            batch_size=cfg.extract.train_batch_size,
+            seed=cfg.seed,
+            memory_budget=cfg.extract.memory_budget,
+        )
+    else:
+        datamodule = instantiate(cfg.data, transform=backbone_transform(cfg.backbone.name))
+        datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
 
 
 def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> HeadstartModel:
-    """The LightningModule for the data's tasks; every argument plain data."""
+    """The LightningModule for the data's tasks; every argument plain data. On features it has no backbone."""
     flow = {"tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}}
     class_weights = None
-    if getattr(datamodule, "balance", "none") == "weights":
+    if cfg.data.get("balance", "none") == "weights":
         class_weights = {"label": datamodule.class_weights()}
+    on_features = isinstance(datamodule, FeatureDataModule)
     return HeadstartModel(
         flow=flow,
-        backbone=plain(cfg.backbone),
+        backbone=None if on_features else plain(cfg.backbone),
+        feature_dim=datamodule.feature_dim if on_features else None,
+        transform=datamodule.dof.meta["transform"] if on_features else None,
         head={"hidden": list(cfg.model.hidden), "dropout": cfg.model.dropout},
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.get("scheduler")),
@@ -70,6 +84,10 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule)
     callbacks = build_callbacks(cfg)
+    on_features = isinstance(datamodule, FeatureDataModule)
+    if on_features:
+        timer = EpochCostTimer()
+        callbacks.append(timer)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -86,12 +104,56 @@ def train(cfg: DictConfig) -> float | None:
                 _scalars(trainer.validate(model, datamodule=datamodule, ckpt_path=best or ckpt_path))
             )
         metrics.update(_scalars(trainer.test(model, datamodule=datamodule, ckpt_path=best or ckpt_path)))
+    if on_features and trainer.is_global_zero and not trainer.fast_dev_run:
+        metrics.update(_dof_benefit(datamodule, timer, loggers))
+        _reattach(cfg, datamodule, best, run_dir)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         write_json(run_dir / "metrics.json", metrics)
         _log_final_hparams(loggers, cfg, metrics)
         log.info("best checkpoint: %s", best)
         log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if not k.endswith("/count")})
     return metrics.get(cfg.monitor.metric)
+
+
+def _dof_benefit(
+    datamodule: FeatureDataModule, timer: EpochCostTimer, loggers: list[Logger]
+) -> dict[str, float]:
+    """The DoF formulas with this run's measured epoch costs and the extraction's, printed and logged."""
+    if not timer.epoch_seconds:
+        return {}
+    stats = datamodule.dof.manifest.get("stats", {})
+    epoch = float(np.median(timer.epoch_seconds))
+    steps = float(np.median(timer.step_seconds))
+    values = dof_benefit(
+        hnct=float(stats.get("hnct_seconds_per_epoch") or float("nan")),
+        holt=max(epoch - steps, 0.0),
+        tnct=steps,
+        epochs=len(timer.epoch_seconds),
+        image_bytes=float(stats.get("image_bytes_mean", 0.0)),
+        image_count=int(stats.get("image_count", 0)),
+        feature_bytes=float(stats.get("feature_bytes_per_sample", 0.0)),
+        manifest_bytes=(datamodule.path / "manifest.json").stat().st_size,
+        views=int(stats.get("views", 1)),
+    )
+    text = describe(values)
+    log.info("%s", text)
+    for logger in loggers:
+        logger.log_metrics(values, step=0)
+    return values
+
+
+def _reattach(cfg: DictConfig, datamodule: FeatureDataModule, best: str | None, run_dir: Path) -> None:
+    """Put the head back on its backbone as `checkpoints/image_model.ckpt`, after checking it answers the same."""
+    head = HeadstartModel.from_checkpoint(best) if best else None
+    if head is None:
+        return
+    meta = datamodule.dof.meta
+    full = attach_backbone(head, plain(cfg.backbone), meta["backbone"]["weights_sha256"])
+    worst = check_reattached(full, head, datamodule.dof)
+    path = save_model(full, run_dir / "checkpoints" / "image_model.ckpt")
+    log.info(
+        "image model (backbone + head) checked on stored samples (max |logit diff| %.2e): %s", worst, path
+    )
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

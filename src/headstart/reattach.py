@@ -1,0 +1,78 @@
+"""Re-attach a head trained on DoF features to its backbone, and check the image model answers the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from headstart.data import load_rgb
+from headstart.dof import DofSet
+from headstart.errors import WeightsError
+from headstart.model import HeadstartModel
+from headstart.transforms import InputTransform, eval_transform
+
+
+def attach_backbone(head_model: HeadstartModel, backbone: dict, weights_sha256: str) -> HeadstartModel:
+    """The image model: `backbone` (a config dict) under the head of `head_model`; its weights hash must match."""
+    hparams = {**dict(head_model.hparams), "feature_dim": None, "transform": None}
+    hparams["backbone"] = {**backbone, "freeze": True, "trainable_stages": 0}
+    full = HeadstartModel(**hparams)
+    found = full.backbone.weights_sha256()
+    if found != weights_sha256:
+        raise WeightsError(
+            f"backbone '{backbone['name']}' with weights={backbone.get('weights')} is not the one the DoF set was "
+            f"extracted with (weights sha256 {found[:12]} instead of {weights_sha256[:12]}); re-attach it to the "
+            "backbone and weights named in the set's manifest.json"
+        )
+    full.head.load_state_dict(head_model.head.state_dict())
+    return full.eval()
+
+
+def check_reattached(
+    full: HeadstartModel, head_model: HeadstartModel, dof: DofSet, samples: int = 8
+) -> float:
+    """Outputs of the image model on images against the head on the stored features: the largest logit difference.
+
+    Raises AssertionError when they differ beyond the stored dtype's tolerance or any decision changes.
+    """
+    split = dof.split("val" if "val" in dof.splits else dof.splits[0])
+    rows = np.flatnonzero(split.take(np.arange(len(split)))["view"] == 0)[:samples]
+    stored = split.take(rows)
+    paths = [dof.meta["samples"]["path"][i] for i in stored["index"]]
+    transform = eval_transform(InputTransform.from_dict(dof.meta["transform"]))
+    images = torch.stack([transform(load_rgb(p)) for p in paths])
+    head_model.eval()
+    with torch.no_grad():
+        on_images = full(images.to(full.device))
+        on_features = head_model(torch.from_numpy(stored["features"]).float().to(head_model.device))
+    tolerance = 2e-2 if dof.feature_dtype == np.float16 else 1e-3
+    worst = 0.0
+    for task, logits in on_images.items():
+        a, b = logits.float().cpu(), on_features[task].float().cpu()
+        worst = max(worst, float((a - b).abs().max()))
+        scale = max(1.0, float(b.abs().max()))
+        if worst > tolerance * scale or not torch.equal(a.argmax(-1), b.argmax(-1)):
+            raise AssertionError(
+                f"re-attached model disagrees with the head on stored features for task '{task}': "
+                f"max |logit difference| {worst:.4g} (tolerance {tolerance * scale:.3g}); the set may be stale"
+            )
+    return worst
+
+
+def save_model(model: HeadstartModel, path: Path) -> Path:
+    """A checkpoint with plain hyperparameters and weights only: loads with `HeadstartModel.from_checkpoint`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "hyper_parameters": dict(model.hparams),
+            "state_dict": model.state_dict(),
+            "pytorch-lightning_version": L.__version__,
+        },
+        tmp,
+    )
+    tmp.replace(path)
+    return path
