@@ -25,15 +25,15 @@ def shared_data(name: str) -> Path:
     return path
 
 
-def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
-    """Compose conf/train.yaml with overrides; outputs, data and logs go under tmp_path."""
+def compose_train(overrides: list[str], tmp_path: Path, config: str = "train") -> DictConfig:
+    """Compose conf/<config>.yaml with overrides; outputs, data and logs go under tmp_path."""
     base = [
         f"paths.root_dir={tmp_path}",
         f"paths.output_dir={tmp_path / 'run'}",
         "data.num_workers=0",
     ]
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return compose("train", overrides=base + overrides)
+        return compose(config, overrides=base + overrides)
 
 
 def run_script(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -260,8 +260,12 @@ def _image_datamodule(cfg: DictConfig) -> ImageDataModule:
     return datamodule
 
 
-def _frozen_backbone(cfg: DictConfig) -> Backbone:
-    return build_backbone(**{**plain(cfg.backbone), "freeze": True, "trainable_stages": 0})
+def frozen_backbone(cfg: DictConfig) -> Backbone:
+    """The configured backbone, frozen. Random weights (weights=null) are drawn from `seed`, so that the same config
+    gives the same backbone, hence the same fingerprint, in every process."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return build_backbone(**{**plain(cfg.backbone), "freeze": True, "trainable_stages": 0})
 
 
 def dof_for_config(cfg: DictConfig) -> tuple[Path, bool]:
@@ -269,6 +273,13 @@ def dof_for_config(cfg: DictConfig) -> tuple[Path, bool]:
 
     With `extract.path` set, that set is used as given and must match the configured backbone and transform.
     """
+    try:
+        return _dof_for_config(cfg)
+    except DofError as e:
+        raise DataError(str(e)) from None
+
+
+def _dof_for_config(cfg: DictConfig) -> tuple[Path, bool]:
     ex = cfg.extract
     if ex.path:
         path = Path(ex.path)
@@ -277,7 +288,7 @@ def dof_for_config(cfg: DictConfig) -> tuple[Path, bool]:
     config = plain(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     return find_or_extract(
         _image_datamodule(cfg),
-        _frozen_backbone(cfg),
+        frozen_backbone(cfg),
         ex.dir,
         ex.dataset,
         views=ex.views,
@@ -312,7 +323,7 @@ def check_set_matches(path: Path, cfg: DictConfig) -> None:
         raise ConfigError(
             f"DoF set {path} used another input transform than backbone '{wanted}': {diff} (set, config)"
         )
-    sha = _frozen_backbone(cfg).weights_sha256()
+    sha = frozen_backbone(cfg).weights_sha256()
     if meta["backbone"]["weights_sha256"] != sha:
         raise ConfigError(
             f"DoF set {path} was extracted with other '{wanted}' weights (sha256 {meta['backbone']['weights_sha256'][:12]}, "
@@ -324,7 +335,10 @@ def extract(cfg: DictConfig) -> Path:
     """extract.py: find, resume or write the DoF set of the configured data and backbone; verify it if asked."""
     validate_train_config(cfg)
     path, reused = dof_for_config(cfg)
-    dof = open_dof(path, verify=bool(cfg.verify))
+    try:
+        dof = open_dof(path, verify=bool(cfg.verify))
+    except DofError as e:
+        raise DataError(str(e)) from None
     what = "verified (sizes and sha256)" if cfg.verify else "complete"
     stats = dof.manifest.get("stats", {})
     log.info(

@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from headstart.backbones import Backbone
 from headstart.data import load_rgb
 from headstart.dof import DofSet
 from headstart.errors import WeightsError
@@ -15,19 +16,26 @@ from headstart.model import HeadstartModel
 from headstart.transforms import InputTransform, eval_transform
 
 
-def attach_backbone(head_model: HeadstartModel, backbone: dict, weights_sha256: str) -> HeadstartModel:
-    """The image model: `backbone` (a config dict) under the head of `head_model`; its weights hash must match."""
-    hparams = {**dict(head_model.hparams), "feature_dim": None, "transform": None}
-    hparams["backbone"] = {**backbone, "freeze": True, "trainable_stages": 0}
-    full = HeadstartModel(**hparams)
-    found = full.backbone.weights_sha256()
+def attach_backbone(
+    head_model: HeadstartModel, backbone: Backbone, backbone_config: dict, weights_sha256: str
+) -> HeadstartModel:
+    """The image model: `backbone` under the head of `head_model`. Its weights hash must be the DoF set's.
+
+    `backbone_config` (plain: name, weights, ...) is what the checkpoint records about where the backbone came from.
+    """
+    found = backbone.weights_sha256()
     if found != weights_sha256:
         raise WeightsError(
-            f"backbone '{backbone['name']}' with weights={backbone.get('weights')} is not the one the DoF set was "
-            f"extracted with (weights sha256 {found[:12]} instead of {weights_sha256[:12]}); re-attach it to the "
-            "backbone and weights named in the set's manifest.json"
+            f"backbone '{backbone.name}' (weights={backbone_config.get('weights')}) is not the one the DoF set was "
+            f"extracted with (weights sha256 {found[:12]} instead of {weights_sha256[:12]}); re-attach the head to "
+            "the backbone and weights named in the set's manifest.json"
         )
+    config = {**backbone_config, "freeze": True, "trainable_stages": 0}
+    hparams = {**dict(head_model.hparams), "feature_dim": None, "transform": None}
+    full = HeadstartModel(**{**hparams, "backbone": {**config, "weights": None}})
+    full.backbone.load_state_dict(backbone.state_dict())
     full.head.load_state_dict(head_model.head.state_dict())
+    full.hparams.backbone = config
     return full.eval()
 
 

@@ -18,7 +18,7 @@ from headstart.benefit import describe, dof_benefit
 from headstart.callbacks import EpochCostTimer
 from headstart.config import plain, validate_train_config
 from headstart.data.features import FeatureDataModule
-from headstart.extraction import dof_for_config
+from headstart.extraction import dof_for_config, frozen_backbone
 from headstart.model import HeadstartModel
 from headstart.reattach import attach_backbone, check_reattached, save_model
 from headstart.runs import resolve_resume, write_json
@@ -148,7 +148,9 @@ def _reattach(cfg: DictConfig, datamodule: FeatureDataModule, best: str | None, 
     if head is None:
         return
     meta = datamodule.dof.meta
-    full = attach_backbone(head, plain(cfg.backbone), meta["backbone"]["weights_sha256"])
+    full = attach_backbone(
+        head, frozen_backbone(cfg), plain(cfg.backbone), meta["backbone"]["weights_sha256"]
+    )
     worst = check_reattached(full, head, datamodule.dof)
     path = save_model(full, run_dir / "checkpoints" / "image_model.ckpt")
     log.info(
