@@ -114,7 +114,7 @@ def test_run_directory_holds_config_checkpoints_and_tensorboard(digits_run):
         acc = EventAccumulator(str(f), size_guidance={"images": 0, "scalars": 0}).Reload()
         scalars |= set(acc.Tags()["scalars"])
         images |= set(acc.Tags()["images"])
-    assert {"train/loss_epoch", "val/loss", "val/label/acc", "val/label/f1", "lr-AdamW"} <= scalars
+    assert {"train/loss", "val/loss", "val/label/acc", "val/label/f1", "lr-AdamW"} <= scalars
     assert {"final/test/label/acc", "test/label/acc"} <= scalars
     assert {"val/label/confusion", "val/label/predictions", "test/label/confusion"} <= images
     lr = _scalars(digits_run / "tensorboard", "lr-AdamW")
@@ -326,7 +326,7 @@ def test_overfit_drives_the_loss_down(tmp_path):
     train(cfg)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 39
-    losses = [e.value for e in _scalars(tmp_path / "run" / "tensorboard", "train/loss_epoch")]
+    losses = [e.value for e in _scalars(tmp_path / "run" / "tensorboard", "train/loss")]
     assert len(losses) == 40
     assert losses[-1] < 0.25 * losses[0]
 

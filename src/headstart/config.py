@@ -63,7 +63,7 @@ class ExtractSchema:
     shard_size: int = 4096
     num_workers: int = 2
     progress: bool = True
-    train_batch_size: int = 256
+    train_batch_size: int = 1024
     memory_budget: int = 2 * 1024**3
 
 

@@ -111,16 +111,19 @@ class HeadstartModel(L.LightningModule):
         total, per_task = self.flow.loss(
             logits, batch["targets"], self._class_weights(), label_smoothing=self.hparams.label_smoothing
         )
-        n = batch["inputs"].shape[0]
-        self.log(f"{stage}/loss", total, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n)
+        losses = {"loss": total}
         if len(per_task) > 1:
-            for path, loss in per_task.items():
-                self.log(f"{stage}/{path}/loss", loss, on_epoch=True, batch_size=n)
-        self.metrics[f"{stage}_metrics"].update(logits, batch["targets"])
+            losses.update({f"{path}/loss": loss for path, loss in per_task.items()})
+        # Epoch values come from FlowMetrics (one log call per epoch, not per step: Lightning's self.log costs
+        # more than a small head's whole step).
+        self.metrics[f"{stage}_metrics"].update(logits, batch["targets"], losses)
         return total
 
     def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if loss is not None and batch_idx % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -139,7 +142,8 @@ class HeadstartModel(L.LightningModule):
             "metrics": {k: float(v) for k, v in values.items()},
             "confusion": {p: metrics.confusion(p) for p in self.flow.leaf_paths},
         }
-        self.log_dict({f"{stage}/{k}": v.float() for k, v in values.items()}, prog_bar=False)
+        for k, v in values.items():
+            self.log(f"{stage}/{k}", v.float(), prog_bar=k in ("loss", "label/acc"))
         metrics.reset()
 
     def on_train_epoch_end(self) -> None:
