@@ -192,11 +192,14 @@ def main() -> None:
         f"    head epoch on DoF features             : {on_features:9.4f} s/epoch   "
         f"images/features {on_images / on_features:,.0f}x"
     )
-    print(f"(d) DoF epoch, bare PyTorch loop           : {d_bare:9.4f} s/epoch ({args.rows} rows)")
-    print(
-        f"    DoF epoch, headstart                   : {d_hs:9.4f} s/epoch   bare/headstart throughput "
-        f"{d_bare / d_hs:.2f}"
-    )
+    for batch, d_bare, d_hs in d_rows:
+        default = " (the default extract.train_batch_size)" if batch == cfg.extract.train_batch_size else ""
+        print(f"(d) batch {batch}{default}, {args.rows} rows:")
+        print(f"    DoF epoch, bare PyTorch loop           : {d_bare:9.4f} s/epoch")
+        print(
+            f"    DoF epoch, headstart                   : {d_hs:9.4f} s/epoch   headstart/bare throughput "
+            f"{d_bare / d_hs:.2f}"
+        )
 
 
 if __name__ == "__main__":
