@@ -76,3 +76,14 @@ def test_head_outputs_one_logit_tensor_per_task_and_pools_maps():
 def test_bad_specs_name_the_problem(spec, message):
     with pytest.raises(FlowSpecError, match=message):
         TaskFlow.from_spec(spec)
+
+
+def test_epoch_loss_is_the_row_weighted_mean_of_batch_losses():
+    flow = _flow()
+    metrics = FlowMetrics(flow)
+    metrics.update({"label": torch.randn(4, 3)}, {"label": torch.zeros(4)}, {"loss": torch.tensor(1.0)})
+    metrics.update({"label": torch.randn(1, 3)}, {"label": torch.zeros(1)}, {"loss": torch.tensor(6.0)})
+    assert metrics.compute()["loss"].item() == pytest.approx((4 * 1.0 + 1 * 6.0) / 5)
+    metrics.reset()
+    metrics.update({"label": torch.randn(2, 3)}, {"label": torch.zeros(2)}, {"loss": torch.tensor(3.0)})
+    assert metrics.compute()["loss"].item() == pytest.approx(3.0)
