@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from headstart.flow import FlowHead, FlowMetrics, TaskFlow
+from headstart.flow import FlowHead, FlowMetrics, TaskFlow, UncertaintyWeighting
 from headstart.flow.tasks import FlowSpecError
 
 
@@ -87,3 +87,450 @@ def test_epoch_loss_is_the_row_weighted_mean_of_batch_losses():
     metrics.reset()
     metrics.update({"label": torch.randn(2, 3)}, {"label": torch.zeros(2)}, {"loss": torch.tensor(3.0)})
     assert metrics.compute()["loss"].item() == pytest.approx(3.0)
+
+
+# ---- conditional flows -------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+LN2, LN3 = math.log(2), math.log(3)
+
+
+def _worked() -> TaskFlow:
+    return TaskFlow.from_spec(
+        {
+            "tasks": {
+                "x": {"kind": "binary"},
+                "y": {"kind": "binary", "given": "x"},
+                "g": {"given": "~y", "tasks": {"z": {"kind": "multiclass", "classes": 3}}},
+            }
+        }
+    )
+
+
+def _security() -> TaskFlow:
+    return TaskFlow.from_spec(
+        {
+            "tasks": {
+                "camera_blocked": {"kind": "binary"},
+                "door_open": {"kind": "binary", "given": "~camera_blocked"},
+                "door_locked": {"kind": "binary", "given": "~door_open"},
+                "person_present": {"kind": "binary", "given": "door_open"},
+                "person": {
+                    "given": "person_present",
+                    "tasks": {
+                        "face_x1": {"kind": "bounded_regression", "scale": 64},
+                        "shirt": {"kind": "multiclass", "classes": ["blue", "red", "yellow"]},
+                        "colour": {"kind": "multilabel", "classes": ["red", "green"]},
+                    },
+                },
+            }
+        }
+    )
+
+
+def _t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_worked_example_from_the_issue():
+    flow = _worked()
+    assert flow.leaf_paths == ["x", "y", "g.z"]
+    logits = {"x": torch.zeros(3), "y": torch.zeros(3), "g.z": torch.zeros(3, 3)}
+    targets = {"x": _t(1, 0, 1), "y": _t(0, 1, NAN), "g.z": _t(2, 1, 0)}
+    masks = flow.masks(targets)
+    assert masks["x"].tolist() == [True, True, True]
+    assert masks["y"].tolist() == [True, False, False]
+    assert masks["g.z"].tolist() == [True, False, False]
+    total, per_task = flow.loss(logits, targets)
+    assert per_task["x"].item() == pytest.approx(LN2)
+    assert per_task["y"].item() == pytest.approx(LN2)
+    assert per_task["g.z"].item() == pytest.approx(LN3)
+    assert total.item() == pytest.approx(2.484907, abs=1e-6)
+    per_sample = flow.per_sample_loss(logits, targets)
+    assert per_sample.tolist() == pytest.approx([2.484907, 0.693147, 0.693147], abs=1e-6)
+
+
+def test_task_that_applies_nowhere_adds_exactly_zero_with_zero_gradient():
+    flow = _worked()
+    logits = {
+        "x": torch.zeros(2, requires_grad=True),
+        "y": torch.full((2,), 3.0, requires_grad=True),
+        "g.z": torch.randn(2, 3, requires_grad=True),
+    }
+    # x is false everywhere, so y never applies; y is never known, so g.z never applies
+    targets = {"x": _t(0, 0), "y": _t(1, 0), "g.z": _t(0, 1)}
+    total, per_task = flow.loss(logits, targets)
+    assert per_task["y"].item() == 0.0 and per_task["g.z"].item() == 0.0
+    assert total.item() == pytest.approx(LN2)
+    total.backward()
+    assert torch.equal(logits["y"].grad, torch.zeros(2))
+    assert torch.equal(logits["g.z"].grad, torch.zeros(2, 3))
+    assert not torch.isnan(logits["x"].grad).any()
+
+
+@pytest.mark.parametrize("kind", ["binary", "multilabel", "bounded_regression", "regression"])
+def test_every_kind_gives_zero_not_nan_without_labels(kind):
+    spec = {"kind": kind} | ({"classes": ["a", "b"]} if kind == "multilabel" else {})
+    spec |= {"scale": 10} if kind == "bounded_regression" else {}
+    flow = TaskFlow.from_spec({"tasks": {"t": spec}})
+    shape = (4, 2) if kind == "multilabel" else (4,)
+    logits = {"t": torch.randn(shape, requires_grad=True)}
+    total, _ = flow.loss(logits, {"t": torch.full(shape, NAN)})
+    assert total.item() == 0.0
+    total.backward()
+    assert torch.equal(logits["t"].grad, torch.zeros(shape))
+
+
+def test_negation_of_a_missing_label_is_false_and_so_is_its_reference():
+    flow = TaskFlow.from_spec(
+        {
+            "tasks": {
+                "a": {"kind": "binary"},
+                "b": {"kind": "binary", "given": "~a"},
+                "c": {"kind": "binary", "given": "a"},
+            }
+        }
+    )
+    masks = flow.masks({"a": _t(NAN, 0, 1), "b": _t(1, 1, 1), "c": _t(1, 1, 1)})
+    assert masks["b"].tolist() == [False, True, False]
+    assert masks["c"].tolist() == [False, False, True]
+
+
+def test_reference_to_a_task_that_does_not_apply_is_neither_true_nor_false():
+    flow = _security()
+    n = 2
+    targets = {p: torch.full((n,), NAN) for p in flow.leaf_paths}
+    targets["person.colour"] = torch.full((n, 2), NAN)
+    targets["camera_blocked"] = _t(1, 0)
+    targets["door_open"] = _t(0, 0)  # labelled, but it only applies where the camera is not blocked
+    targets["door_locked"] = _t(1, 1)
+    masks = flow.masks(targets)
+    assert masks["door_open"].tolist() == [False, True]
+    assert masks["door_locked"].tolist() == [False, True]
+
+
+def test_nested_groups_and_their_conditions():
+    flow = TaskFlow.from_spec(
+        {
+            "tasks": {
+                "a": {"kind": "binary"},
+                "b": {"kind": "binary"},
+                "c": {"kind": "binary"},
+                "outer": {
+                    "given": "a",
+                    "tasks": {"inner": {"given": "~b", "tasks": {"t": {"kind": "regression", "given": "c"}}}},
+                },
+            }
+        }
+    )
+    assert flow.leaf_paths == ["a", "b", "c", "outer.inner.t"]
+    targets = {
+        "a": _t(1, 1, 1, 0, 1),
+        "b": _t(0, 1, 0, 0, NAN),
+        "c": _t(1, 1, 0, 1, 1),
+        "outer.inner.t": _t(1, 1, 1, 1, 1),
+    }
+    assert flow.masks(targets)["outer.inner.t"].tolist() == [True, False, False, False, False]
+    assert flow.condition_text("outer.inner.t") == "(a) & (~b) & (c)"
+    assert TaskFlow.from_spec(flow.to_spec()).to_spec() == flow.to_spec()
+
+
+def test_and_not_and_parentheses_follow_three_valued_logic():
+    flow = TaskFlow.from_spec(
+        {
+            "tasks": {
+                "a": {"kind": "binary"},
+                "b": {"kind": "binary"},
+                "both": {"kind": "binary", "given": "a & ~b"},
+                "not_both": {"kind": "binary", "given": "~(a & b)"},
+            }
+        }
+    )
+    ones = _t(1, 1, 1, 1)
+    masks = flow.masks({"a": _t(1, 1, 0, NAN), "b": _t(0, 1, NAN, 0), "both": ones, "not_both": ones})
+    assert masks["both"].tolist() == [True, False, False, False]
+    # ~(a & b) is true where either is known false, even if the other is unknown
+    assert masks["not_both"].tolist() == [True, False, True, True]
+
+
+def test_multilabel_loss_is_mean_over_applicable_rows_and_classes():
+    flow = TaskFlow.from_spec({"tasks": {"m": {"kind": "multilabel", "classes": ["a", "b"]}}})
+    logits = {"m": torch.tensor([[0.0, 0.0], [9.0, 9.0], [2.0, -2.0]])}
+    targets = {"m": torch.tensor([[1.0, 0.0], [NAN, NAN], [1.0, 1.0]])}
+    sp = lambda v: math.log1p(math.exp(v))  # noqa: E731  softplus: BCE of a positive label at logit -v
+    total, _ = flow.loss(logits, targets)
+    assert total.item() == pytest.approx((LN2 + LN2 + sp(-2) + sp(2)) / 4)
+    assert flow.per_sample_loss(logits, targets).tolist() == pytest.approx([LN2, 0.0, (sp(-2) + sp(2)) / 2])
+
+
+def test_bounded_regression_loss_and_decode():
+    flow = TaskFlow.from_spec({"tasks": {"b": {"kind": "bounded_regression", "scale": 64}}})
+    total, _ = flow.loss({"b": torch.zeros(3)}, {"b": _t(16, 48, NAN)})
+    assert total.item() == pytest.approx(0.0625)  # (0.5 - 0.25)^2 and (0.5 - 0.75)^2
+    value = flow.predict({"b": torch.tensor([0.0, math.log(3)])})["b"]["value"]
+    assert value.tolist() == pytest.approx([32.0, 48.0])
+
+
+@pytest.mark.parametrize("loss, expected", [("mse", 2.125), ("l1", 1.25), ("smooth_l1", 0.8125)])
+def test_regression_losses(loss, expected):
+    flow = TaskFlow.from_spec({"tasks": {"r": {"kind": "regression", "loss": loss}}})
+    total, _ = flow.loss({"r": _t(0, 3, 7)}, {"r": _t(0.5, 1, NAN)})
+    assert total.item() == pytest.approx(expected)
+
+
+def test_predictions_under_a_false_predicted_condition_are_not_applicable():
+    flow = _worked()
+    logits = {"x": _t(2, -2, 2), "y": _t(3, 3, -3), "g.z": torch.tensor([[0.0, 5.0, 0.0]] * 3)}
+    out = flow.predict(logits)
+    assert out["x"]["applicable"].tolist() == [True, True, True]
+    assert out["x"]["value"].tolist() == [1.0, 0.0, 1.0]
+    assert out["y"]["applicable"].tolist() == [True, False, True]
+    assert out["g.z"]["applicable"].tolist() == [False, False, True]
+    value = out["g.z"]["value"]
+    assert math.isnan(value[0]) and math.isnan(value[1]) and value[2].item() == 1.0
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_tuned_thresholds_survive_save_and_load_and_change_the_gates():
+    flow = TaskFlow.from_spec(
+        {
+            "tasks": {
+                "x": {"kind": "binary"},
+                "y": {"kind": "binary", "given": "x"},
+                "never": {"kind": "binary"},
+                "m": {"kind": "multilabel", "classes": ["a", "b"]},
+            }
+        }
+    )
+    logits = {
+        "x": torch.tensor([_logit(p) for p in (0.6, 0.345, 0.2, 0.1)]),
+        "y": torch.zeros(4),
+        "never": torch.zeros(4),
+        "m": torch.tensor([[_logit(0.9), 0.0], [_logit(0.705), 0.0], [_logit(0.3), 0.0], [_logit(0.1), 0.0]]),
+    }
+    targets = {
+        "x": _t(1, 1, 0, 0),
+        "y": _t(1, 1, NAN, NAN),
+        "never": torch.full((4,), NAN),
+        "m": torch.tensor([[1.0, NAN], [0.0, NAN], [0.0, NAN], [0.0, NAN]]),
+    }
+    assert flow.predict(logits)["y"]["applicable"].tolist() == [True, False, False, False]
+    tuned = flow.tune_thresholds(logits, targets)
+    # x: any t in [0.2, 0.345) separates perfectly; the grid point nearest 0.5 is 0.34. m.a: [0.705, 0.9) -> 0.71.
+    # y: both applicable rows are positive at p = 0.5, so the nearest threshold below 0.5; "never" and m.b have no
+    # applicable label and keep their default.
+    assert tuned == {"x": 0.34, "y": 0.49, "never": 0.5, "m": [0.71, 0.5]}
+    assert flow.thresholds == tuned
+    assert flow.predict(logits)["y"]["applicable"].tolist() == [True, True, False, False]
+
+    spec = flow.to_spec()
+    assert spec["thresholds"] == {"x": 0.34, "y": 0.49, "m": [0.71, 0.5]}
+    loaded = TaskFlow.from_spec(spec)
+    assert loaded.thresholds == tuned
+    assert loaded.predict(logits)["y"]["applicable"].tolist() == [True, True, False, False]
+    fresh = TaskFlow.from_spec({"tasks": spec["tasks"]})
+    fresh.load_state(flow.state())
+    assert fresh.thresholds == tuned
+
+
+def test_bad_thresholds_in_a_spec_are_config_errors():
+    spec = {"tasks": {"x": {"kind": "binary"}}, "thresholds": {"x": 1.5}}
+    with pytest.raises(FlowSpecError, match="'x' needs a number in"):
+        TaskFlow.from_spec(spec)
+    with pytest.raises(FlowSpecError, match="'y' is not a binary or multilabel task"):
+        TaskFlow.from_spec({"tasks": {"x": {"kind": "binary"}}, "thresholds": {"y": 0.5}})
+
+
+@pytest.mark.parametrize(
+    "tasks, message",
+    [
+        (
+            {"a": {"kind": "binary", "given": "nope"}},
+            r"task 'a': condition given: 'nope' refers to unknown task 'nope'",
+        ),
+        (
+            {"a": {"kind": "binary", "given": "b"}, "b": {"kind": "binary", "given": "a"}},
+            r"task 'a': condition given: 'b' makes a cycle: a -> b -> a",
+        ),
+        (
+            {"m": {"kind": "multiclass", "classes": 3}, "a": {"kind": "binary", "given": "~m"}},
+            r"task 'a': condition given: '~m' refers to 'm', a multiclass task",
+        ),
+        (
+            {"b": {"kind": "binary"}, "a": {"kind": "binary", "given": "b &"}},
+            r"task 'a': bad condition given: 'b &'",
+        ),
+        (
+            {"b": {"kind": "binary"}, "a": {"kind": "binary", "given": "(b"}},
+            r"task 'a': bad condition given: '\(b'",
+        ),
+        (
+            {"b": {"kind": "binary"}, "a": {"kind": "binary", "given": "b | b"}},
+            r"task 'a': bad condition given: 'b \| b'",
+        ),
+        (
+            {"b": {"kind": "binary"}, "a": {"kind": "binary", "given": "b b"}},
+            r"task 'a': bad condition given: 'b b'",
+        ),
+        (
+            {"g": {"given": "ghost", "tasks": {"t": {"kind": "binary"}}}},
+            r"task 'g.t' \(in group 'g'\): condition given: 'ghost' refers to unknown task 'ghost'",
+        ),
+        (
+            {"g": {"given": "g.t", "tasks": {"t": {"kind": "binary"}}}},
+            r"task 'g.t'.*makes a cycle: g.t -> g.t",
+        ),
+        (
+            {"b": {"kind": "bounded_regression"}},
+            r"task 'b': a bounded_regression task needs a positive number 'scale'",
+        ),
+        ({"r": {"kind": "regression", "loss": "huber"}}, r"task 'r': loss 'huber' is not one of"),
+        ({"a.b": {"kind": "binary"}}, r"task 'a.b': a task or group name"),
+        ({"g": {"given": "a", "colour": 1, "tasks": {"t": {"kind": "binary"}}}}, r"group 'g': unknown keys"),
+    ],
+)
+def test_condition_and_spec_errors_name_the_task(tasks, message):
+    with pytest.raises(FlowSpecError, match=message):
+        TaskFlow.from_spec({"tasks": tasks})
+
+
+def test_explain_prints_the_applicable_decisions_as_a_tree():
+    flow = _security()
+    logits = {
+        "camera_blocked": _t(-1, 3),
+        "door_open": _t(1, 1),
+        "door_locked": _t(0, 0),
+        "person_present": _t(2, 2),
+        "person.face_x1": _t(0, 0),
+        "person.shirt": torch.tensor([[0.0, 1.0, 0.0]] * 2),
+        "person.colour": torch.tensor([[2.0, -2.0]] * 2),
+    }
+    p_red = math.e / (math.e + 2)
+    assert flow.explain(logits, 0) == "\n".join(
+        [
+            "camera_blocked: no (p=0.269, logit=-1.000)",
+            "  door_open: yes (p=0.731, logit=1.000)",
+            "    person_present: yes (p=0.881, logit=2.000)",
+            "      person.face_x1: 32.000 (p=0.500, logit=0.000)",
+            f"      person.shirt: red (p={p_red:.3f}, logit=1.000)",
+            "      person.colour: red (p=[0.881, 0.119], logit=[2.000, -2.000])",
+        ]
+    )
+    assert flow.explain(logits, 1) == "camera_blocked: yes (p=0.953, logit=3.000)"
+
+
+def test_head_gives_targets_shapes_per_kind():
+    flow = _security()
+    head = flow.head(8, hidden=[4])
+    assert isinstance(head, FlowHead)
+    out = head(torch.randn(5, 8))
+    assert out["camera_blocked"].shape == (5,)
+    assert out["person.face_x1"].shape == (5,)
+    assert out["person.shirt"].shape == (5, 3)
+    assert out["person.colour"].shape == (5, 2)
+
+
+def test_uncertainty_weighting_leaves_absent_tasks_alone():
+    flow = _worked()
+    weighting = UncertaintyWeighting(flow.leaf_paths)
+    logits = {"x": torch.zeros(2, requires_grad=True), "y": torch.zeros(2), "g.z": torch.zeros(2, 3)}
+    targets = {"x": _t(0, 0), "y": _t(1, 0), "g.z": _t(0, 1)}  # only x applies
+    total, _ = flow.loss(logits, targets, weighting=weighting)
+    assert total.item() == pytest.approx(LN2)  # exp(-0) * ln2 + 0
+    opt = torch.optim.Adam(weighting.parameters(), lr=0.1)
+    total.backward()
+    assert weighting.log_var("x").grad.item() == pytest.approx(1 - LN2)  # d/ds (exp(-s) L + s) at s = 0
+    for path in ("y", "g.z"):
+        grad = weighting.log_var(path).grad
+        assert grad is None or torch.equal(grad, torch.zeros(()))
+    opt.step()
+    assert weighting.log_var("x").item() != 0.0
+    assert weighting.log_var("y").item() == 0.0 and weighting.log_var("g.z").item() == 0.0
+
+
+def test_binary_metrics_and_end_to_end_accuracy():
+    flow = TaskFlow.from_spec({"tasks": {"x": {"kind": "binary"}, "y": {"kind": "binary", "given": "x"}}})
+    metrics = FlowMetrics(flow)
+    logits = {"x": _t(5, 5, -5, -5), "y": _t(-5, -5, 5, 0)}
+    targets = {"x": _t(1, 0, NAN, 0), "y": _t(1, NAN, 1, NAN)}
+    metrics.update({k: v[:2] for k, v in logits.items()}, {k: v[:2] for k, v in targets.items()})
+    metrics.update({k: v[2:] for k, v in logits.items()}, {k: v[2:] for k, v in targets.items()})
+    out = {k: v.item() for k, v in metrics.compute().items()}
+    assert out["x/count"] == 3
+    assert out["x/acc"] == pytest.approx(2 / 3)
+    assert out["x/precision"] == pytest.approx(1 / 2)
+    assert out["x/recall"] == pytest.approx(1.0)
+    assert out["x/f1"] == pytest.approx(2 / 3)
+    assert out["x/auroc"] == pytest.approx(0.75)  # the positive ties one negative and beats the other
+    assert out["y/count"] == 1 and out["y/acc"] == 0.0
+    assert "y/auroc" not in out  # one class only
+    # x: rows 0, 1, 3 (row 2 unlabelled); right on 0 and 3.
+    assert out["x/e2e_acc"] == pytest.approx(2 / 3)
+    # y: row 0 applies and is predicted to, but wrong; row 1 wrongly predicted to apply; row 2 unknown (x
+    # missing); row 3 correctly predicted not to apply.
+    assert out["y/e2e_acc"] == pytest.approx(1 / 3)
+    assert metrics.confusion("x") is None
+
+
+def test_multiclass_metrics_top_k_and_macro_f1():
+    flow = TaskFlow.from_spec({"tasks": {"c": {"kind": "multiclass", "classes": 4}}})
+    metrics = FlowMetrics(flow)
+    metrics.update({"c": torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 5)}, {"c": _t(0, 1, 2, 3, NAN)})
+    out = {k: v.item() for k, v in metrics.compute().items()}
+    assert out["c/count"] == 4
+    assert out["c/acc"] == pytest.approx(1 / 4)
+    assert out["c/top3_acc"] == pytest.approx(3 / 4)
+    assert out["c/f1"] == pytest.approx(0.1)  # class 0: 2 * 1 / (2 + 3); the rest 0
+    assert out["c/e2e_acc"] == pytest.approx(1 / 4)
+    assert metrics.confusion("c").tolist() == [[1, 0, 0, 0]] * 4
+
+
+def test_multilabel_metrics_per_class_f1():
+    flow = TaskFlow.from_spec({"tasks": {"m": {"kind": "multilabel", "classes": ["a", "b"]}}})
+    metrics = FlowMetrics(flow)
+    logits = torch.tensor([[5.0, -5.0], [5.0, 5.0], [-5.0, 5.0], [-5.0, -5.0]])
+    targets = torch.tensor([[1.0, 0.0], [1.0, 0.0], [NAN, NAN], [0.0, 1.0]])
+    metrics.update({"m": logits}, {"m": targets})
+    out = {k: v.item() for k, v in metrics.compute().items()}
+    assert out["m/count"] == 3
+    assert out["m/f1_a"] == pytest.approx(1.0)
+    assert out["m/f1_b"] == pytest.approx(0.0)
+    assert out["m/f1"] == pytest.approx(0.5)
+    assert out["m/acc"] == pytest.approx(4 / 6)
+    assert out["m/e2e_acc"] == pytest.approx(1 / 3)
+
+
+def test_regression_metrics_in_target_units():
+    flow = TaskFlow.from_spec(
+        {"tasks": {"b": {"kind": "bounded_regression", "scale": 10}, "r": {"kind": "regression"}}}
+    )
+    metrics = FlowMetrics(flow)
+    metrics.update(
+        {"b": torch.zeros(4), "r": _t(10, 0, 1, 0)},
+        {"b": _t(4, 8, 5.2, NAN), "r": _t(10.4, 0.04, 2, NAN)},
+    )
+    out = {k: v.item() for k, v in metrics.compute().items()}
+    assert out["b/count"] == 3
+    assert out["b/mae"] == pytest.approx(1.4, abs=1e-5)  # decoded 5 vs 4, 8, 5.2
+    assert out["b/rmse"] == pytest.approx(math.sqrt((1 + 9 + 0.04) / 3), abs=1e-5)
+    assert out["b/nmae"] == pytest.approx(0.14, abs=1e-6)
+    assert out["b/e2e_acc"] == pytest.approx(1 / 3)  # within 0.05 * scale = 0.5: only 5.2
+    assert out["r/mae"] == pytest.approx((0.4 + 0.04 + 1) / 3, abs=1e-5)
+    assert out["r/e2e_acc"] == pytest.approx(2 / 3)  # within 0.05 * max(|target|, 1)
+
+
+def test_specs_from_hydra_configs_round_trip_with_thresholds():
+    from omegaconf import OmegaConf
+
+    flow = TaskFlow.from_spec(
+        OmegaConf.create({"tasks": {"m": {"kind": "multilabel", "classes": ["a", "b"]}}})
+    )
+    flow.thresholds["m"] = [0.25, 0.5]
+    loaded = TaskFlow.from_spec(OmegaConf.create(flow.to_spec()))
+    assert loaded.thresholds == {"m": [0.25, 0.5]}
+    assert loaded.predict({"m": torch.tensor([[_logit(0.3), _logit(0.3)]])})["m"]["value"].tolist() == [
+        [1.0, 0.0]
+    ]

@@ -40,8 +40,21 @@ class ConfusionMatrixLogger(L.Callback):
         self._log(trainer, pl_module, "test")
 
 
+def describe_value(task, value: torch.Tensor) -> str:
+    """A decoded task value (prediction or target) as a short label."""
+    if value.dtype.is_floating_point and bool(torch.isnan(value).all()):
+        return "?"
+    if task.kind == "binary":
+        return f"{task.path.rsplit('.', 1)[-1]}={'yes' if float(value) > 0.5 else 'no'}"
+    if task.kind == "multiclass":
+        return task.classes[int(value)]
+    if task.kind == "multilabel":
+        return ",".join(c for c, v in zip(task.classes, value.tolist(), strict=True) if v > 0.5) or "-"
+    return f"{float(value):.3g}"
+
+
 class PredictionGridLogger(L.Callback):
-    """Logs a grid of the first validation images with their predicted and true class (first task)."""
+    """Logs a grid of the first validation images with their predicted and true value of the first task."""
 
     def __init__(self, num_images: int = 16) -> None:
         self.num_images = num_images
@@ -62,13 +75,13 @@ class PredictionGridLogger(L.Callback):
         if batch is None or transform is None or batch["inputs"].dim() != 4 or trainer.fast_dev_run:
             return
         path = pl_module.flow.leaf_paths[0]
-        classes = pl_module.flow.tasks[path].classes
+        task = pl_module.flow.tasks[path]
         with torch.no_grad():
-            predicted = pl_module(batch["inputs"])[path].argmax(-1).tolist()
-        truth = batch["targets"][path]
-        truths = ["?" if torch.isnan(t) else classes[int(t)] for t in truth]
+            predicted = pl_module.flow.predict(pl_module(batch["inputs"]))[path]["value"].cpu()
+        truth = batch["targets"][path].cpu()
+        truths = [describe_value(task, t) for t in truth]
         images = denormalize(batch["inputs"].float(), transform)
-        fig = prediction_grid(images, truths, [classes[i] for i in predicted])
+        fig = prediction_grid(images, truths, [describe_value(task, v) for v in predicted])
         for writer in _tensorboards(trainer):
             writer.add_figure(f"val/{path}/predictions", fig, global_step=trainer.global_step)
 
@@ -105,3 +118,49 @@ class EpochCostTimer(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epoch_seconds.append(time.perf_counter() - self._epoch_start - self._validating)
         self.step_seconds.append(self._steps)
+
+
+class WorstExamplesLogger(L.Callback):
+    """At test time, per task: the images with the highest loss among those where the task applies."""
+
+    def __init__(self, num_images: int = 8) -> None:
+        self.num_images = num_images
+        self._worst: dict[str, list[tuple[float, torch.Tensor, str, str]]] = {}
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._worst = {}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        transform = getattr(pl_module, "input_transform", None)
+        if batch is None or transform is None or batch["inputs"].dim() != 4:
+            return
+        flow = pl_module.flow
+        with torch.no_grad():
+            logits = pl_module(batch["inputs"])
+        masks = flow.masks(batch["targets"])
+        predicted = flow.predict(logits)
+        for path, task in flow.tasks.items():
+            mask = masks[path]
+            if not bool(mask.any()):
+                continue
+            losses = task.per_sample_loss(logits[path].float(), batch["targets"][path], mask).detach()
+            kept = self._worst.setdefault(path, [])
+            for i in torch.nonzero(mask).flatten().tolist():
+                kept.append(
+                    (
+                        float(losses[i]),
+                        denormalize(batch["inputs"][i].float(), transform).cpu(),
+                        describe_value(task, batch["targets"][path][i].cpu()),
+                        describe_value(task, predicted[path]["value"][i].cpu()),
+                    )
+                )
+            kept.sort(key=lambda r: -r[0])
+            del kept[self.num_images :]
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for path, rows in self._worst.items():
+            images = torch.stack([r[1] for r in rows])
+            fig = prediction_grid(images, [r[2] for r in rows], [r[3] for r in rows])
+            for writer in _tensorboards(trainer):
+                writer.add_figure(f"test/{path}/worst", fig, global_step=trainer.global_step)
+        self._worst = {}

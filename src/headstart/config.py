@@ -35,6 +35,7 @@ class ModelSchema:
     hidden: list[int] = field(default_factory=list)
     dropout: float = 0.0
     label_smoothing: float = 0.0
+    loss_weighting: str = "static"
 
 
 @dataclass
@@ -83,6 +84,7 @@ class TrainSchema:
     paths: PathsSchema = field(default_factory=PathsSchema)
     backbone: BackboneSchema = field(default_factory=BackboneSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
+    flow: Any = None
     data: Any = None
     optimizer: Any = None
     scheduler: Any = None
@@ -103,6 +105,10 @@ def validate_train_config(cfg: DictConfig) -> None:
         OmegaConf.merge(OmegaConf.structured(TrainSchema), plain)
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
+    if cfg.model.loss_weighting not in ("static", "uncertainty"):
+        raise ConfigError(
+            f"model.loss_weighting must be 'static' or 'uncertainty', got {cfg.model.loss_weighting!r}"
+        )
     if cfg.extract.dtype not in ("float16", "float32"):
         raise ConfigError(f"extract.dtype must be float16 or float32, got {cfg.extract.dtype!r}")
     if cfg.extract.views < 1:

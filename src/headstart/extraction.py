@@ -44,6 +44,9 @@ def files_sha256(datamodule: ImageDataModule) -> str:
     for split, path, label in zip(frame["split"], frame["path"], frame["label"], strict=True):
         size = os.path.getsize(path) if os.path.exists(path) else -1
         h.update(f"{split}\t{path}\t{size}\t{label}\n".encode())
+    for task, values in sorted(getattr(datamodule.table, "targets", {}).items()):  # multi-task tables
+        h.update(task.encode())
+        h.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
     return h.hexdigest()
 
 
@@ -216,7 +219,8 @@ def manifest_meta(backbone: Backbone, datamodule: ImageDataModule, spec: dict) -
         "transform": spec["transform"],
         "augment": spec["augment"],
         "views": spec["views"],
-        "flow": {"tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}},
+        "flow": getattr(datamodule, "flow_spec", None)
+        or {"tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}},
         "samples": {
             "path": [str(p) for p in frame["path"]],
             "split": [str(s) for s in frame["split"]],

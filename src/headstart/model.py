@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from headstart.backbones import Backbone, build_backbone
 from headstart.errors import ConfigError
-from headstart.flow import FlowHead, FlowMetrics, TaskFlow
+from headstart.flow import FlowHead, FlowMetrics, TaskFlow, UncertaintyWeighting
 from headstart.flow.tasks import FlowSpecError
 from headstart.transforms import InputTransform
 
@@ -34,6 +34,7 @@ class HeadstartModel(L.LightningModule):
         transform: the input transform (dict) when there is no backbone to take it from.
         class_weights: `{task: [w per class]}` for imbalanced data.
         label_smoothing: passed to cross-entropy.
+        loss_weighting: "static" (the flow's task weights) or "uncertainty" (learned per-task weights).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class HeadstartModel(L.LightningModule):
         transform: dict | None = None,
         class_weights: dict[str, list[float]] | None = None,
         label_smoothing: float = 0.0,
+        loss_weighting: str = "static",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -67,6 +69,11 @@ class HeadstartModel(L.LightningModule):
         head = head or {}
         self.head = FlowHead(
             feature_dim, self.flow, hidden=list(head.get("hidden", [])), dropout=head.get("dropout", 0.0)
+        )
+        if loss_weighting not in ("static", "uncertainty"):
+            raise ConfigError(f"loss_weighting must be 'static' or 'uncertainty', got {loss_weighting!r}")
+        self.weighting = (
+            UncertaintyWeighting(self.flow.leaf_paths) if loss_weighting == "uncertainty" else None
         )
         self.metrics = torch.nn.ModuleDict({f"{s}_metrics": FlowMetrics(self.flow) for s in STAGES})
         for path, w in (class_weights or {}).items():
@@ -109,7 +116,11 @@ class HeadstartModel(L.LightningModule):
             return None
         logits = self(batch["inputs"])
         total, per_task = self.flow.loss(
-            logits, batch["targets"], self._class_weights(), label_smoothing=self.hparams.label_smoothing
+            logits,
+            batch["targets"],
+            self._class_weights(),
+            label_smoothing=self.hparams.label_smoothing,
+            weighting=self.weighting,
         )
         losses = {"loss": total}
         if len(per_task) > 1:

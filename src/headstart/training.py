@@ -21,7 +21,9 @@ from headstart.data.features import FeatureDataModule
 from headstart.extraction import dof_for_config, frozen_backbone
 from headstart.model import HeadstartModel
 from headstart.reattach import attach_backbone, check_reattached, save_model
+from headstart.reports import write_task_tables
 from headstart.runs import resolve_resume, write_json
+from headstart.thresholds import store_flow_in_checkpoint, tune_on_validation
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,17 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return datamodule
 
 
+def data_flow(datamodule: L.LightningDataModule) -> dict:
+    """The flow the data answers: its own (a multi-task table, a DoF set), or one multiclass task `label`."""
+    spec = getattr(datamodule, "flow_spec", None)
+    if spec:
+        return spec
+    return {"tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}}
+
+
 def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> HeadstartModel:
     """The LightningModule for the data's tasks; every argument plain data. On features it has no backbone."""
-    flow = {"tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}}
+    flow = data_flow(datamodule)
     class_weights = None
     if cfg.data.get("balance", "none") == "weights":
         class_weights = {"label": datamodule.class_weights()}
@@ -61,6 +71,7 @@ def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> Headstart
         scheduler=plain(cfg.get("scheduler")),
         class_weights=class_weights,
         label_smoothing=cfg.model.label_smoothing,
+        loss_weighting=cfg.model.loss_weighting,
     )
 
 
@@ -97,6 +108,8 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     best = _best_checkpoint(trainer)
+    if cfg.train and best and trainer.is_global_zero:
+        _tune_thresholds(model, datamodule, best)
     metrics: dict[str, float] = {}
     if cfg.test:
         if cfg.train or ckpt_path:
@@ -109,10 +122,24 @@ def train(cfg: DictConfig) -> float | None:
         _reattach(cfg, datamodule, best, run_dir)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         write_json(run_dir / "metrics.json", metrics)
+        kinds = {path: task.kind for path, task in model.flow.tasks.items()}
+        for stage in ("val", "test"):
+            write_task_tables(metrics, stage, kinds, run_dir)
         _log_final_hparams(loggers, cfg, metrics)
         log.info("best checkpoint: %s", best)
         log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if not k.endswith("/count")})
     return metrics.get(cfg.monitor.metric)
+
+
+def _tune_thresholds(model: HeadstartModel, datamodule: L.LightningDataModule, best: str) -> None:
+    """Binary and multilabel thresholds from the best checkpoint's validation outputs, saved into that checkpoint."""
+    if not any(t.kind in ("binary", "multilabel") for t in model.flow.tasks.values()):
+        return
+    model.load_state_dict(torch.load(best, map_location=model.device, weights_only=True)["state_dict"])
+    tuned = tune_on_validation(model, datamodule.val_dataloader())
+    if tuned:
+        store_flow_in_checkpoint(best, model.hparams.flow)
+        log.info("thresholds tuned on validation: %s", tuned)
 
 
 def _dof_benefit(

@@ -28,9 +28,18 @@ from headstart.data.samples import (
     layout_help,
     stratified_split,
 )
+from headstart.data.security import SECURITY_FLOW, SecurityDataModule, make_security
+from headstart.data.table import (
+    MultiTaskTable,
+    TableDataModule,
+    TableDataset,
+    leaf_specs,
+    multitask_csv_table,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "SECURITY_FLOW",
     "SPLITS",
     "BadImageWarning",
     "CsvDataModule",
@@ -39,14 +48,21 @@ __all__ = [
     "ImageDataModule",
     "ImageDataset",
     "ImbalanceWarning",
+    "MultiTaskTable",
     "SampleTable",
+    "SecurityDataModule",
+    "TableDataModule",
+    "TableDataset",
     "build_dog_cat",
     "collate_skip_none",
     "csv_table",
     "folder_table",
     "layout_help",
+    "leaf_specs",
     "load_rgb",
+    "make_security",
     "materialize_digits",
+    "multitask_csv_table",
     "stratified_split",
 ]
 

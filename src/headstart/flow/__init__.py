@@ -1,8 +1,9 @@
 """TaskFlow: a tree of tasks asked of one image. Imports nothing from the rest of headstart."""
 
-from headstart.flow.flow import TaskFlow
+from headstart.flow.flow import Group, TaskFlow
 from headstart.flow.head import FlowHead
 from headstart.flow.metrics import FlowMetrics
-from headstart.flow.tasks import Task
+from headstart.flow.tasks import FlowSpecError, Task
+from headstart.flow.weighting import UncertaintyWeighting
 
-__all__ = ["FlowHead", "FlowMetrics", "Task", "TaskFlow"]
+__all__ = ["FlowHead", "FlowMetrics", "FlowSpecError", "Group", "Task", "TaskFlow", "UncertaintyWeighting"]

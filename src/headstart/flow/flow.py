@@ -1,45 +1,208 @@
-"""TaskFlow: the set of tasks, their masks and the combined loss."""
+"""TaskFlow: the tree of tasks, where each applies, the combined loss, predictions and thresholds."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from headstart.flow import conditions
+from headstart.flow.conditions import Condition, ConditionSyntaxError
 from headstart.flow.tasks import FlowSpecError, Task
+
+if TYPE_CHECKING:
+    from headstart.flow.head import FlowHead
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_GROUP_KEYS = ("given", "tasks")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A group of tasks sharing a condition (`given`, None for none)."""
+
+    path: str
+    given: str | None = None
+
+
+@dataclass(frozen=True)
+class _Clause:
+    """One condition a task must satisfy: its own `given`, or that of an enclosing group (`owner`)."""
+
+    owner: str
+    text: str
+    cond: Condition
 
 
 class TaskFlow:
     """Tasks declared as nested `tasks:` mappings; leaves in declaration order.
 
-    Plain classification is a flow with one multiclass task named `label`.
+    Plain classification is a flow with one multiclass task named `label`. A task applies on a sample where its
+    label is present, its own `given` holds and every enclosing group's `given` holds (see `conditions`).
+    `thresholds` holds the decision threshold of every binary task (float) and multilabel task (one per class).
     """
 
-    def __init__(self, tasks: list[Task]) -> None:
+    def __init__(
+        self,
+        tasks: list[Task],
+        groups: list[Group] | None = None,
+        thresholds: Mapping[str, float | list[float]] | None = None,
+    ) -> None:
         if not tasks:
             raise FlowSpecError("a flow needs at least one task")
-        self.tasks: dict[str, Task] = {t.path: t for t in tasks}
+        self.tasks: dict[str, Task] = {}
+        for t in tasks:
+            if t.path in self.tasks:
+                raise FlowSpecError(f"task '{t.path}' is declared twice")
+            self.tasks[t.path] = t
+        self.groups: dict[str, Group] = {g.path: g for g in groups or []}
+        for t in tasks:
+            missing = [g for g in t.groups if g not in self.groups]
+            if missing:
+                raise FlowSpecError(f"task '{t.path}': unknown group {missing[0]!r}")
+        self._clauses = {path: self._parse_clauses(task) for path, task in self.tasks.items()}
+        self._order = self._check_cycles()
+        self.thresholds: dict[str, float | list[float]] = {
+            p: t.default_threshold() for p, t in self.tasks.items() if t.has_threshold
+        }
+        for path, value in (thresholds or {}).items():
+            self._set_threshold(path, value)
+
+    # ---- building -------------------------------------------------------------------------------------------
 
     @classmethod
     def from_spec(cls, spec: Mapping) -> TaskFlow:
+        """Build a flow from `{"tasks": {...}}` (nested groups allowed) and optional `"thresholds": {path: ...}`."""
         if not isinstance(spec, Mapping) or "tasks" not in spec:
             raise FlowSpecError("a flow spec is a mapping with a 'tasks' key")
-        return cls(list(_leaves(spec["tasks"], prefix="")))
+        tasks: list[Task] = []
+        groups: list[Group] = []
+        _walk(spec["tasks"], prefix="", enclosing=(), tasks=tasks, groups=groups)
+        thresholds = spec.get("thresholds") or {}
+        if not isinstance(thresholds, Mapping):
+            raise FlowSpecError(f"'thresholds' must map task paths to thresholds, got {thresholds!r}")
+        return cls(tasks, groups, thresholds)
 
     @classmethod
     def classification(cls, classes: list[str]) -> TaskFlow:
         return cls([Task.from_spec("label", {"kind": "multiclass", "classes": list(classes)})])
 
     def to_spec(self) -> dict:
-        return {"tasks": {path: task.to_spec() for path, task in self.tasks.items()}}
+        """The nested spec (plain data), with the thresholds that differ from their default."""
+        root: dict = {}
+        for task in self.tasks.values():
+            node = root
+            for gpath in task.groups:
+                name = gpath.rsplit(".", 1)[-1]
+                if name not in node:
+                    given = self.groups[gpath].given
+                    node[name] = ({"given": given} if given is not None else {}) | {"tasks": {}}
+                node = node[name]["tasks"]
+            node[task.name] = task.to_spec()
+        spec: dict = {"tasks": root}
+        tuned = {
+            p: _plain(v) for p, v in self.thresholds.items() if _plain(v) != self.tasks[p].default_threshold()
+        }
+        if tuned:
+            spec["thresholds"] = tuned
+        return spec
+
+    def state(self) -> dict:
+        """What training learns besides weights (the thresholds), as plain data for a checkpoint."""
+        return {"thresholds": {p: _plain(v) for p, v in self.thresholds.items()}}
+
+    def load_state(self, state: Mapping) -> None:
+        for path, value in (state.get("thresholds") or {}).items():
+            self._set_threshold(path, value)
+
+    def head(self, in_features: int, hidden: list[int] | None = None, dropout: float = 0.0) -> FlowHead:
+        """An nn.Module mapping features `float[N, D]` to {path: logits}."""
+        from headstart.flow.head import FlowHead
+
+        return FlowHead(in_features, self, hidden=hidden, dropout=dropout)
 
     @property
     def leaf_paths(self) -> list[str]:
         return list(self.tasks)
 
+    def condition_text(self, path: str) -> str | None:
+        """The whole condition of a task (groups' and its own, joined with `&`), or None."""
+        texts = [c.text if len(self._clauses[path]) == 1 else f"({c.text})" for c in self._clauses[path]]
+        return " & ".join(texts) if texts else None
+
+    def depends_on(self, path: str) -> list[str]:
+        """The binary tasks a task's condition (groups' included) refers to, in order of appearance."""
+        out: list[str] = []
+        for clause in self._clauses[path]:
+            out += [n for n in conditions.names(clause.cond) if n not in out]
+        return out
+
+    # ---- where tasks apply ----------------------------------------------------------------------------------
+
+    def _holds(self, present: Mapping[str, torch.Tensor], value: Mapping[str, torch.Tensor]) -> dict:
+        """{path: bool[N]} where each task's condition (groups' included) is true."""
+        holds: dict[str, torch.Tensor] = {}
+
+        def ref(p: str) -> tuple[torch.Tensor, torch.Tensor]:
+            known = present[p] & holds[p]
+            return known & value[p], known & ~value[p]
+
+        for path in self._order:
+            n = present[path].shape[0]
+            h = torch.ones(n, dtype=torch.bool, device=present[path].device)
+            for clause in self._clauses[path]:
+                h = h & conditions.evaluate(clause.cond, ref)[0]
+            holds[path] = h
+        return holds
+
+    def _truth(self, targets: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+        present = {p: t.present(targets[p]) for p, t in self.tasks.items()}
+        value = {p: targets[p] > 0.5 for p, t in self.tasks.items() if t.kind == "binary"}
+        return present, value
+
     def masks(self, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{path: bool[N]}: where each task is trained and scored, from ground truth."""
-        return {path: task.present(targets[path]) for path, task in self.tasks.items()}
+        """{path: bool[N]}: where each task applies (is trained and scored), from ground truth."""
+        present, value = self._truth(targets)
+        holds = self._holds(present, value)
+        return {p: present[p] & holds[p] for p in self.tasks}
+
+    def condition_holds(self, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{path: bool[N]}: where each task's condition (groups' included) holds by ground truth, label or not."""
+        return self._holds(*self._truth(targets))
+
+    def known_applicability(self, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{path: bool[N]}: where ground truth settles whether a task applies.
+
+        That is where every task its condition refers to is settled: its own applicability is known and, where it
+        applies, its label is present. A task without a condition is settled everywhere.
+        """
+        present, value = self._truth(targets)
+        holds = self._holds(present, value)
+        known: dict[str, torch.Tensor] = {}
+        for path in self._order:
+            k = torch.ones_like(present[path])
+            for dep in self.depends_on(path):
+                k = k & known[dep] & (~holds[dep] | present[dep])
+            known[path] = k
+        return known
+
+    def predicted_applicability(self, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{path: bool[N]}: where each task applies by thresholded predictions."""
+        present = {
+            p: torch.ones(t.flat(logits[p]).shape[0], dtype=torch.bool, device=logits[p].device)
+            for p, t in self.tasks.items()
+        }
+        value = {
+            p: t.decode(logits[p], self.thresholds[p]) for p, t in self.tasks.items() if t.kind == "binary"
+        }
+        return self._holds(present, value)
+
+    # ---- losses -------------------------------------------------------------------------------------------------
 
     def loss(
         self,
@@ -47,8 +210,13 @@ class TaskFlow:
         targets: Mapping[str, torch.Tensor],
         class_weights: Mapping[str, torch.Tensor] | None = None,
         label_smoothing: float = 0.0,
+        weighting: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted sum of task losses and each task's loss (mean over the rows where it applies)."""
+        """The flow loss and each task's loss (mean over the rows where it applies; exactly 0 where none does).
+
+        The flow loss is the weighted sum of task losses, or, with `weighting` (an `UncertaintyWeighting`),
+        what that module makes of them and of which tasks apply in this batch.
+        """
         masks = self.masks(targets)
         class_weights = class_weights or {}
         per_task = {
@@ -57,39 +225,199 @@ class TaskFlow:
             )
             for path, task in self.tasks.items()
         }
+        if weighting is not None:
+            applies = {p: bool(m.any()) for p, m in masks.items()}
+            weights = {p: t.weight for p, t in self.tasks.items()}
+            return weighting(per_task, applies, weights), per_task
         total = sum(self.tasks[p].weight * loss for p, loss in per_task.items())
         return total, per_task
 
     def per_sample_loss(
         self, logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
+        """float[N]: per sample, the (weighted) sum of the losses of the tasks that apply to it."""
         masks = self.masks(targets)
-        return sum(
-            task.weight * task.per_sample_loss(logits[p], targets[p], masks[p])
-            for p, task in self.tasks.items()
-        )
+        total: torch.Tensor | None = None
+        for p, task in self.tasks.items():
+            loss = task.weight * task.per_sample_loss(logits[p], targets[p], masks[p])
+            total = loss if total is None else total + loss
+        return total
+
+    # ---- prediction ---------------------------------------------------------------------------------------------
 
     def predict(self, logits: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """{path: {"applicable": bool[N], "value": tensor[N]}}."""
+        """{path: {"applicable": bool[N], "value": float tensor}}, conditions taken from thresholded predictions.
+
+        Values use the targets' encoding (binary 0/1, multiclass the class index, multilabel 0/1 per class,
+        regression kinds in target units) and are NaN where the task does not apply: such a task has no value.
+        """
+        applicable = self.predicted_applicability(logits)
         out = {}
         for path, task in self.tasks.items():
-            value = task.decode(logits[path])
+            value = task.decode(logits[path], self.thresholds.get(path)).float()
+            rows = applicable[path].view(-1, *([1] * (value.dim() - 1)))
             out[path] = {
-                "applicable": torch.ones(value.shape[0], dtype=torch.bool, device=value.device),
-                "value": value,
+                "applicable": applicable[path],
+                "value": torch.where(rows, value, torch.full_like(value, math.nan)),
             }
         return out
 
+    def explain(self, logits: Mapping[str, torch.Tensor], i: int) -> str:
+        """A text tree of sample i's decisions (see `headstart.flow.explain`)."""
+        from headstart.flow.explain import explain
 
-def _leaves(tasks: Mapping, prefix: str):
-    if not isinstance(tasks, Mapping) or not tasks:
-        raise FlowSpecError(f"'{prefix or 'tasks'}': expected a non-empty mapping of tasks")
-    for name, spec in tasks.items():
-        path = f"{prefix}{name}"
-        if not isinstance(spec, Mapping):
-            raise FlowSpecError(f"task '{path}': expected a mapping with 'kind', got {spec!r}")
-        if "tasks" in spec:
-            raise FlowSpecError(
-                f"'{path}': task groups arrive with conditional flows; declare flat tasks for now"
+        return explain(self, logits, i)
+
+    # ---- thresholds ---------------------------------------------------------------------------------------------
+
+    def tune_thresholds(
+        self, logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
+    ) -> dict[str, float | list[float]]:
+        """Tune binary and per-class multilabel thresholds for best F1 on the rows where each task applies (by
+        ground truth); store and return them. A task (or class) with no such row keeps its threshold."""
+        masks = self.masks(targets)
+        for path, task in self.tasks.items():
+            if not task.has_threshold:
+                continue
+            probs = torch.sigmoid(task.flat(logits[path]).detach().float()).cpu()
+            target = targets[path].detach().float().cpu()
+            mask = masks[path].cpu()
+            if task.kind == "binary":
+                if bool(mask.any()):
+                    self.thresholds[path] = best_f1_threshold(probs[mask], target[mask] > 0.5)
+                continue
+            current = list(self.thresholds[path])
+            for c in range(len(task.classes)):
+                rows = mask & ~torch.isnan(target[:, c])
+                if bool(rows.any()):
+                    current[c] = best_f1_threshold(probs[rows, c], target[rows, c] > 0.5)
+            self.thresholds[path] = current
+        return {p: _plain(v) for p, v in self.thresholds.items()}
+
+    def _set_threshold(self, path: str, value: float | list[float]) -> None:
+        task = self.tasks.get(path)
+        if task is None or not task.has_threshold:
+            raise FlowSpecError(f"thresholds: '{path}' is not a binary or multilabel task of this flow")
+        if task.kind == "binary":
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0
+            value = float(value) if ok else value
+        else:
+            ok = (
+                isinstance(value, Sequence) and not isinstance(value, str) and len(value) == len(task.classes)
             )
-        yield Task.from_spec(path, dict(spec))
+            ok = ok and all(isinstance(v, int | float) and 0.0 <= float(v) <= 1.0 for v in value)
+            value = [float(v) for v in value] if ok else value
+        if not ok:
+            raise FlowSpecError(
+                f"thresholds: '{path}' needs {'a number' if task.kind == 'binary' else 'one number per class'}"
+                f" in [0, 1], got {value!r}"
+            )
+        self.thresholds[path] = value
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+
+    def _parse_clauses(self, task: Task) -> list[_Clause]:
+        sources = [
+            (f"group '{g}'", self.groups[g].given) for g in task.groups if self.groups[g].given is not None
+        ]
+        if task.given is not None:
+            sources.append((f"task '{task.path}'", task.given))
+        clauses = []
+        for owner, text in sources:
+            where = owner if owner.startswith("task") else f"task '{task.path}' (in {owner})"
+            try:
+                cond = conditions.parse(text)
+            except ConditionSyntaxError as e:
+                raise FlowSpecError(f"{where}: bad condition given: {text!r}: {e}") from None
+            for name in conditions.names(cond):
+                if name not in self.tasks:
+                    hint = " (a group, not a task)" if name in self.groups else ""
+                    raise FlowSpecError(
+                        f"{where}: condition given: {text!r} refers to unknown task '{name}'{hint}; "
+                        f"tasks: {', '.join(self.tasks)}"
+                    )
+                if self.tasks[name].kind != "binary":
+                    raise FlowSpecError(
+                        f"{where}: condition given: {text!r} refers to '{name}', a {self.tasks[name].kind} "
+                        "task; conditions may only refer to binary tasks"
+                    )
+            clauses.append(_Clause(owner, text, cond))
+        return clauses
+
+    def _check_cycles(self) -> list[str]:
+        """A topological order of the tasks (dependencies first); FlowSpecError naming a cycle if there is one."""
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1: on the stack, 2: done
+
+        def visit(path: str, stack: list[str]) -> None:
+            if state.get(path) == 2:
+                return
+            if state.get(path) == 1:
+                cycle = [*stack[stack.index(path) :], path]
+                first = cycle[0]
+                raise FlowSpecError(
+                    f"task '{first}': condition given: {self.condition_text(first)!r} makes a cycle: "
+                    + " -> ".join(cycle)
+                )
+            state[path] = 1
+            for dep in self.depends_on(path):
+                visit(dep, [*stack, path])
+            state[path] = 2
+            order.append(path)
+
+        for path in self.tasks:
+            visit(path, [])
+        return order
+
+
+def best_f1_threshold(probs: torch.Tensor, positive: torch.Tensor) -> float:
+    """The threshold in {0.01, ..., 0.99} whose `probs > t` has the best F1 against `positive` (ties: nearest 0.5).
+
+    F1 counts as 1 where there is nothing to find and nothing is found.
+    """
+    grid = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    pred = probs.double().unsqueeze(0) > grid.unsqueeze(1)
+    pos = positive.bool().unsqueeze(0)
+    tp = (pred & pos).sum(1).double()
+    fp = (pred & ~pos).sum(1).double()
+    fn = (~pred & pos).sum(1).double()
+    denom = 2 * tp + fp + fn
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.ones_like(denom))
+    best = f1.max()
+    candidates = grid[f1 >= best - 1e-12]
+    return round(float(candidates[(candidates - 0.5).abs().argmin()]), 4)
+
+
+def _plain(value: float | list[float] | None) -> float | list[float] | None:
+    return list(value) if isinstance(value, Sequence) else value
+
+
+def _walk(
+    spec: Mapping, prefix: str, enclosing: tuple[str, ...], tasks: list[Task], groups: list[Group]
+) -> None:
+    """Collect leaves (declaration order) and groups from a nested `tasks:` mapping."""
+    where = f"group '{prefix[:-1]}'" if prefix else "'tasks'"
+    if not isinstance(spec, Mapping) or not spec:
+        raise FlowSpecError(f"{where}: expected a non-empty mapping of tasks")
+    for name, node in spec.items():
+        path = f"{prefix}{name}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise FlowSpecError(
+                f"task '{path}': a task or group name is letters, digits and '_' (not starting with a digit); "
+                "nest groups instead of writing dots"
+            )
+        if not isinstance(node, Mapping):
+            raise FlowSpecError(f"task '{path}': expected a mapping with 'kind', got {node!r}")
+        if "tasks" in node:
+            unknown = set(node) - set(_GROUP_KEYS)
+            if unknown:
+                raise FlowSpecError(
+                    f"group '{path}': unknown keys {sorted(unknown)}; a group has only 'given' and 'tasks'"
+                )
+            given = node.get("given")
+            if given is not None and not isinstance(given, str):
+                raise FlowSpecError(f"group '{path}': 'given' must be an expression string, got {given!r}")
+            groups.append(Group(path, given))
+            _walk(node["tasks"], f"{path}.", (*enclosing, path), tasks, groups)
+        else:
+            tasks.append(Task.from_spec(path, dict(node), groups=enclosing))

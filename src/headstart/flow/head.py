@@ -9,7 +9,7 @@ from headstart.flow.flow import TaskFlow
 
 
 class FlowHead(nn.Module):
-    """features float[B, D] (or [B, C, h, w], pooled) -> {task path: logits}."""
+    """features float[B, D] (or [B, C, h, w], pooled) -> {task path: logits} (float[B] or float[B, C])."""
 
     def __init__(
         self, in_features: int, flow: TaskFlow, hidden: list[int] | None = None, dropout: float = 0.0
@@ -28,12 +28,15 @@ class FlowHead(nn.Module):
             {_key(p): nn.Linear(width, t.num_outputs) for p, t in flow.tasks.items()}
         )
         self.paths = flow.leaf_paths
+        # Binary and regression kinds give float[B], not float[B, 1] (the targets' shape).
+        self.scalar = {p for p, t in flow.tasks.items() if t.num_outputs == 1}
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         if features.dim() == 4:
             features = features.mean(dim=(2, 3))
         z = self.trunk(features)
-        return {p: self.outputs[_key(p)](z) for p in self.paths}
+        out = {p: self.outputs[_key(p)](z) for p in self.paths}
+        return {p: v.squeeze(-1) if p in self.scalar else v for p, v in out.items()}
 
 
 def _key(path: str) -> str:

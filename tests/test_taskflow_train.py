@@ -1,0 +1,149 @@
+"""TaskFlow models trained as users train them: the security experiment, a user's own flow and table, DoF."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, compose_train, make_image, run_script
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from headstart.model import HeadstartModel
+from headstart.thresholds import store_flow_in_checkpoint
+from headstart.training import train
+
+
+@pytest.fixture(scope="module")
+def security_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("security")
+    train(compose_train(["experiment=security"], tmp))
+    return tmp / "run"
+
+
+@pytest.mark.slow
+def test_security_flow_reaches_the_accuracy_bars(security_run):
+    metrics = json.loads((security_run / "metrics.json").read_text())
+    for task in ("camera_blocked", "door_open", "door_locked", "person_present", "person.shirt"):
+        assert metrics[f"test/{task}/acc"] > 0.98, task
+        assert metrics[f"test/{task}/count"] > 0
+    assert metrics["test/person.face_colour/acc"] > 0.98
+    assert metrics["test/person.face_x1/nmae"] < 0.05
+    # tasks are scored only where they apply by ground truth
+    assert (
+        metrics["test/person.shirt/count"]
+        < metrics["test/person_present/count"]
+        < metrics["test/camera_blocked/count"]
+    )
+    assert "test/person_present/e2e_acc" in metrics
+
+
+@pytest.mark.slow
+def test_security_run_writes_task_tables_and_worst_examples(security_run):
+    table = pd.read_csv(security_run / "test_metrics.csv")
+    assert list(table["task"]) == [
+        "camera_blocked",
+        "door_open",
+        "door_locked",
+        "person_present",
+        "person.face_x1",
+        "person.shirt",
+        "person.face_colour",
+    ]
+    assert "| person.shirt | multiclass |" in (security_run / "test_metrics.md").read_text()
+    images = set()
+    for f in (security_run / "tensorboard").glob("events.*"):
+        images |= set(EventAccumulator(str(f), size_guidance={"images": 0}).Reload().Tags()["images"])
+    assert {"test/person.shirt/worst", "test/door_open/worst"} <= images
+
+
+@pytest.mark.slow
+def test_security_checkpoint_carries_the_flow_and_its_thresholds(security_run, tmp_path):
+    best = security_run / "checkpoints" / "best.ckpt"
+    model = HeadstartModel.from_checkpoint(best).eval()
+    assert model.flow.leaf_paths[-1] == "person.face_colour"
+    x = torch.randn(6, 3, 32, 32)
+    logits = model(x)
+    before = model.flow.predict(logits)["camera_blocked"]["value"]
+    # thresholds written into the checkpoint change the gates of a reloaded model
+    copy = tmp_path / "best.ckpt"
+    copy.write_bytes(best.read_bytes())
+    spec = model.flow.to_spec()
+    probs = torch.sigmoid(logits["camera_blocked"])
+    flow = model.flow
+    flow.load_state(
+        {**flow.state(), "thresholds": {**flow.thresholds, "camera_blocked": float(probs.max()) + 1e-3}}
+    )
+    store_flow_in_checkpoint(copy, flow.to_spec())
+    reloaded = HeadstartModel.from_checkpoint(copy).eval()
+    after = reloaded.flow.predict(reloaded(x))["camera_blocked"]["value"]
+    assert after.sum() == 0 and spec != reloaded.flow.to_spec()
+    assert before.tolist() != after.tolist() or before.sum() == 0
+
+
+def test_a_users_own_flow_and_table_train_with_the_security_experiment(tmp_path):
+    conf = tmp_path / "myconf" / "flow"
+    conf.mkdir(parents=True)
+    (conf / "shapes.yaml").write_text(
+        "tasks:\n  big: {kind: binary}\n  colour: {kind: multiclass, classes: [red, green], given: big}\n"
+    )
+    rows = ["file,big,colour"]
+    for i in range(24):
+        make_image(tmp_path / "img" / f"{i}.png", seed=i)
+        big = i % 2
+        rows.append(f"img/{i}.png,{big},{['red', 'green'][i % 3 % 2] if big else ''}")
+    (tmp_path / "table.csv").write_text("\n".join(rows) + "\n")
+    result = run_script(
+        [
+            "train.py",
+            "--config-dir",  # Hydra's options go before the overrides
+            str(tmp_path / "myconf"),
+            "experiment=security",
+            "flow=shapes",
+            f"data.csv={tmp_path / 'table.csv'}",
+            "data.path_column=file",
+            "data.split_column=null",
+            "data.num_workers=0",
+            "trainer.max_epochs=1",
+            f"paths.root_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "security").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "test/colour/acc" in metrics and "test/big/f1" in metrics
+    assert not (tmp_path / "data" / "security").exists()  # the user's table: nothing generated
+
+
+def test_a_bad_label_stops_with_row_column_and_value(tmp_path):
+    make_image(tmp_path / "img" / "0.png")
+    header = "path,split,camera_blocked,door_open,door_locked,person_present,person.face_x1,person.shirt,person.face_colour"
+    (tmp_path / "table.csv").write_text(f"{header}\nimg/0.png,train,maybe,,,,,,\n")
+    result = run_script(
+        [
+            "train.py",
+            "experiment=security",
+            f"data.csv={tmp_path / 'table.csv'}",
+            f"paths.root_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "camera_blocked" in result.stderr and "maybe" in result.stderr and "row" in result.stderr
+
+
+def test_security_flow_trains_on_dof_features(tmp_path):
+    cfg = compose_train(
+        ["experiment=security", "features=true", "trainer.max_epochs=2", "extract.progress=false"], tmp_path
+    )
+    train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test/person.face_colour/count"] > 0 and "dof/benefit_ratio" in metrics
+    full = HeadstartModel.from_checkpoint(tmp_path / "run" / "checkpoints" / "image_model.ckpt")
+    assert (
+        full.flow.leaf_paths
+        == HeadstartModel.from_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt").flow.leaf_paths
+    )
