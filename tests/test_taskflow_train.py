@@ -147,3 +147,26 @@ def test_security_flow_trains_on_dof_features(tmp_path):
         full.flow.leaf_paths
         == HeadstartModel.from_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt").flow.leaf_paths
     )
+
+
+def test_uncertainty_weighting_is_selected_from_config_and_learns_task_weights(tmp_path):
+    rows = ["path,big,colour"]
+    for i in range(24):
+        make_image(tmp_path / "img" / f"{i}.png", seed=i)
+        rows.append(f"img/{i}.png,{i % 2},{['red', 'green'][i % 3 % 2]}")
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    flow = "{tasks: {big: {kind: binary}, colour: {kind: multiclass, classes: [red, green]}}}"
+    cfg = compose_train(
+        [
+            "data=table",
+            f"data.csv={tmp_path / 't.csv'}",
+            f"+flow={flow}",
+            "model.loss_weighting=uncertainty",
+            "trainer.max_epochs=2",
+        ],
+        tmp_path,
+    )
+    train(cfg)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    log_vars = {k: v for k, v in state.items() if k.startswith("weighting.")}
+    assert len(log_vars) == 2 and all(float(v) != 0.0 for v in log_vars.values())  # learned, from 0

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from headstart.dof import DofError, DofSplit, open_dof
 from headstart.errors import DataError
+from headstart.flow import TaskFlow
 
 
 class RowBatchSampler(Sampler[np.ndarray]):
@@ -105,11 +106,12 @@ class FeatureDataModule(L.LightningDataModule):
         except DofError as e:
             raise DataError(str(e)) from None
         self.flow_spec = self.dof.meta["flow"]
-        self.tasks = list(self.flow_spec["tasks"])
+        self.tasks = TaskFlow.from_spec(self.flow_spec).leaf_paths
 
     @property
     def classes(self) -> list[str]:
-        return list(self.flow_spec["tasks"]["label"]["classes"])
+        label = self.flow_spec["tasks"].get("label", {})
+        return list(label.get("classes", []))
 
     @property
     def feature_dim(self) -> int:
