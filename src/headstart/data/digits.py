@@ -6,19 +6,16 @@ Written once as grayscale PNGs in the folder layout, so it goes through exactly 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from headstart.data.building import MARKER, build_once
 from headstart.data.images import FolderDataModule
 from headstart.data.samples import SPLITS, SampleTable, stratified_split
-from headstart.errors import DataError
 
-MARKER = ".complete"
 DIGITS_SEED = 0
 
 
@@ -43,30 +40,7 @@ def materialize_digits(root: str | os.PathLike) -> Path:
     Atomic: written into a temporary folder beside `root`, then renamed; the marker `root/.complete` is written
     last. Safe to call twice, also concurrently (the loser of the rename discards its copy).
     """
-    root = Path(root).expanduser().absolute()
-    if (root / MARKER).is_file():
-        return root
-    if root.exists():
-        if root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
-        else:
-            raise DataError(
-                f"{root} exists but is not a complete digits data set (no {MARKER} marker). Delete it, or set "
-                "data.root=... to another folder."
-            )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _write_digits(tmp)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / MARKER).is_file():  # not another process that finished first
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return build_once(root, _write_digits, "digits data set")
 
 
 class DigitsDataModule(FolderDataModule):

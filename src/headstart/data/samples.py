@@ -8,7 +8,7 @@ batches carry it as `"index"`, so every prediction maps back to its file.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,6 +212,20 @@ def _split_pool(
     return frame.assign(split=split)
 
 
+def parse_splits(values: list[str], where: Callable[[int, str], str]) -> list[str]:
+    """Split names from a CSV column (aliases like `valid` accepted); `where(i, value)` names a bad cell."""
+    splits = []
+    for i, value in enumerate(values):
+        name = _SPLIT_ALIASES.get(str(value).strip().lower())
+        if name is None:
+            raise DataError(
+                f"{where(i, value)} is not one of train/val/test. Fix the value, or drop data.split_column to split "
+                "automatically."
+            )
+        splits.append(name)
+    return splits
+
+
 def csv_table(
     csv_path: str | os.PathLike,
     path_column: str = "path",
@@ -288,15 +302,7 @@ def csv_table(
         )
 
     if split_column is not None:
-        splits = []
-        for i, s in enumerate(df[split_column].tolist()):
-            s = _SPLIT_ALIASES.get(s.strip().lower())
-            if s is None:
-                raise DataError(
-                    f"{line(i)}: split {df[split_column].iloc[i]!r} is not one of train/val/test. Fix the value, "
-                    "or drop data.split_column to split automatically."
-                )
-            splits.append(s)
+        splits = parse_splits(df[split_column].tolist(), lambda i, value: f"{line(i)}: split {value!r}")
         frame = pd.DataFrame({"path": paths, "split": splits, "label": labels})
     else:
         frame = pd.DataFrame({"path": paths, "split": ["train"] * len(paths), "label": labels})

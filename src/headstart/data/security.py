@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +31,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from headstart.data.building import MARKER, build_once
 from headstart.data.samples import stratified_split
 from headstart.data.table import MultiTaskTable, TableDataModule, leaf_specs
 from headstart.errors import DataError
 
-MARKER = ".complete"
 SIZE = 64
 HEAD = 14
 FACE_X1_MAX = SIZE - HEAD
@@ -159,31 +157,9 @@ def make_security(root: str | os.PathLike, n: int = 1200, seed: int = 0) -> Path
     if n < 10:
         raise DataError(f"make_security needs n >= 10 scenes (for train/val/test splits), got n={n}.")
     root = Path(root).expanduser().absolute()
-    marker = root / MARKER
-    if marker.is_file():
-        _check_marker(root, n, seed)
-        return root
-    if root.exists():
-        if root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
-        else:
-            raise DataError(
-                f"{root} exists but is not a complete security data set (no {MARKER} marker). Delete it, or set "
-                "data.root=... to another folder."
-            )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _write_security(tmp, n, seed)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not marker.is_file():  # not another process that finished first
-                raise
-            _check_marker(root, n, seed)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not (root / MARKER).is_file():
+        build_once(root, lambda tmp: _write_security(tmp, n, seed), "security data set")
+    _check_marker(root, n, seed)
     return root
 
 

@@ -30,12 +30,7 @@ import pandas as pd
 import torch
 
 from headstart.data.images import ImageDataModule, ImageDataset
-from headstart.data.samples import (
-    _SPLIT_ALIASES,
-    SampleTable,
-    _check_fractions,
-    _split_pool,
-)
+from headstart.data.samples import SampleTable, _check_fractions, _split_pool, parse_splits
 from headstart.errors import ConfigError, DataError
 from headstart.transforms import eval_transform, train_transform
 
@@ -346,15 +341,9 @@ def multitask_csv_table(
     label = targets[first_mc.path] if first_mc is not None else np.full(len(df), np.nan)
     classes = list(first_mc.classes) if first_mc is not None else []
     if split_column is not None:
-        splits = []
-        for i, s in enumerate(df[split_column].tolist()):
-            name = _SPLIT_ALIASES.get(s.strip().lower())
-            if name is None:
-                raise DataError(
-                    f"{csv_path}: {where(i, split_column, s)} is not one of train/val/test. Fix the value, or drop "
-                    "data.split_column to split automatically."
-                )
-            splits.append(name)
+        splits = parse_splits(
+            df[split_column].tolist(), lambda i, value: f"{csv_path}: {where(i, split_column, value)}"
+        )
         frame = pd.DataFrame({"path": paths, "split": splits, "label": label})
     else:
         frame = pd.DataFrame(
