@@ -69,6 +69,15 @@ class ExtractSchema:
 
 
 @dataclass
+class ExportSchema:
+    onnx: bool = True
+    bundle: bool = True
+    head_update: Any = "auto"
+    golden: int = 4
+    atol: float = 1e-4
+
+
+@dataclass
 class TrainSchema:
     name: str = "default"
     seed: int = 42
@@ -80,6 +89,7 @@ class TrainSchema:
     features: bool = False
     verify: bool = False
     extract: ExtractSchema = field(default_factory=ExtractSchema)
+    export: ExportSchema = field(default_factory=ExportSchema)
     monitor: MonitorSchema = field(default_factory=MonitorSchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
     backbone: BackboneSchema = field(default_factory=BackboneSchema)
@@ -113,6 +123,12 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"extract.dtype must be float16 or float32, got {cfg.extract.dtype!r}")
     if cfg.extract.views < 1:
         raise ConfigError(f"extract.views must be at least 1, got {cfg.extract.views}")
+    if str(cfg.export.head_update) not in ("auto", "True", "False"):
+        raise ConfigError(f"export.head_update must be auto, true or false, got {cfg.export.head_update!r}")
+    if cfg.export.golden < 1:
+        raise ConfigError(
+            f"export.golden must be at least 1 (images checked against the export), got {cfg.export.golden}"
+        )
     if cfg.monitor.mode not in ("min", "max"):
         raise ConfigError(f"monitor.mode must be 'min' or 'max', got {cfg.monitor.mode!r}")
     for key in ("data", "optimizer", "trainer"):

@@ -15,3 +15,11 @@ class DataError(HeadstartError):
 
 class WeightsError(HeadstartError):
     """Backbone weights cannot be found, downloaded or matched onto the architecture."""
+
+
+class ExportError(HeadstartError):
+    """A model cannot be exported to ONNX, or its export does not answer like the PyTorch model."""
+
+
+class BundleError(HeadstartError):
+    """A bundle is missing, incomplete, tampered with, or does not fit the base it is applied to."""

@@ -16,6 +16,7 @@ from headstart.flow.tasks import FlowSpecError
 from headstart.transforms import InputTransform
 
 STAGES = ("train", "val", "test")
+CONFIG_KEY = "headstart_config"
 
 
 class HeadstartModel(L.LightningModule):
@@ -82,6 +83,8 @@ class HeadstartModel(L.LightningModule):
             )
         # What the last epoch of each stage measured; callbacks read it (confusion matrices, reports).
         self.epoch_results: dict[str, dict[str, Any]] = {}
+        # The run's resolved config (plain data), saved into checkpoints: evaluate.py defaults to its data.
+        self.run_config: dict | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> HeadstartModel:
@@ -92,7 +95,12 @@ class HeadstartModel(L.LightningModule):
             hparams["backbone"] = {**hparams["backbone"], "weights": None}
         model = cls(**hparams)
         model.load_state_dict(ckpt["state_dict"])
+        model.run_config = ckpt.get(CONFIG_KEY)
         return model
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint[CONFIG_KEY] = self.run_config
 
     def _class_weights(self) -> dict[str, torch.Tensor]:
         return {

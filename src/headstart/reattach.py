@@ -12,7 +12,7 @@ from headstart.backbones import Backbone
 from headstart.data import load_rgb
 from headstart.dof import DofSet
 from headstart.errors import WeightsError
-from headstart.model import HeadstartModel
+from headstart.model import CONFIG_KEY, HeadstartModel
 from headstart.transforms import InputTransform, eval_transform
 
 
@@ -36,6 +36,7 @@ def attach_backbone(
     full.backbone.load_state_dict(backbone.state_dict())
     full.head.load_state_dict(head_model.head.state_dict())
     full.hparams.backbone = config
+    full.run_config = head_model.run_config
     return full.eval()
 
 
@@ -79,6 +80,7 @@ def save_model(model: HeadstartModel, path: Path) -> Path:
             "hyper_parameters": dict(model.hparams),
             "state_dict": model.state_dict(),
             "pytorch-lightning_version": L.__version__,
+            **({CONFIG_KEY: model.run_config} if model.run_config is not None else {}),
         },
         tmp,
     )

@@ -23,6 +23,7 @@ from headstart.model import HeadstartModel
 from headstart.reattach import attach_backbone, check_reattached, save_model
 from headstart.reports import write_task_tables
 from headstart.runs import resolve_resume, write_json
+from headstart.shipping import ship_run
 from headstart.thresholds import store_flow_in_checkpoint, tune_on_validation
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train, validate and test one model as configured; return the monitored metric (for sweepers)."""
+    """Train, validate and test one model as configured, then export it (ONNX, bundle); return the monitored metric
+    (for sweepers)."""
     validate_train_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_resume(cfg.ckpt_path, cfg.resume, Path(cfg.paths.log_dir) / cfg.name, run_dir)
@@ -94,6 +96,7 @@ def train(cfg: DictConfig) -> float | None:
 
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule)
+    model.run_config = {k: v for k, v in plain(cfg).items() if k != "hydra"}
     callbacks = build_callbacks(cfg)
     on_features = isinstance(datamodule, FeatureDataModule)
     if on_features:
@@ -128,6 +131,8 @@ def train(cfg: DictConfig) -> float | None:
         _log_final_hparams(loggers, cfg, metrics)
         log.info("best checkpoint: %s", best)
         log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if not k.endswith("/count")})
+        if best:
+            ship_run(cfg, datamodule, best, run_dir, metrics)
     return metrics.get(cfg.monitor.metric)
 
 

@@ -1,0 +1,345 @@
+"""evaluate(): metrics, confusion matrices, speed, wrong predictions, Grad-CAM and a report for any model."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from headstart.data import load_rgb
+from headstart.errors import ConfigError, DataError
+from headstart.flow import FlowMetrics, TaskFlow
+from headstart.loading import LoadedModel, load_model
+from headstart.reports import task_metrics_table, write_task_tables
+from headstart.runs import write_json
+from headstart.tables import markdown_table
+from headstart.visuals import confusion_figure
+
+log = logging.getLogger(__name__)
+
+CLASSIFICATION = ("binary", "multiclass")
+
+
+@dataclass
+class Outputs:
+    """Everything the model said about one split, in data order."""
+
+    index: torch.Tensor  # rows of the data's sample table
+    paths: list[str]
+    logits: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    confusion: dict[str, torch.Tensor | None]
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate `cfg.model` on `cfg.split` of its data; write the evaluation folder; return the metrics."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(cfg.model, cfg.runtime, cfg.threads, work_dir=out)
+    datamodule = build_data(cfg, loaded)
+    outputs = run_split(loaded, datamodule, cfg.split)
+
+    metrics = outputs.metrics
+    kinds = {p: t.kind for p, t in loaded.flow.tasks.items()}
+    write_json(out / "metrics.json", metrics)
+    write_task_tables(metrics, cfg.split, kinds, out)
+    confusions = write_confusions(loaded.flow, outputs.confusion, out / "confusion")
+    wrong = copy_wrong(loaded.flow, outputs, out / "wrong", limit=cfg.wrong.limit) if cfg.wrong.copy else []
+    speed = measure(loaded, outputs.paths, cfg.speed)
+    write_json(out / "speed.json", speed)
+    cams = write_gradcams(loaded, outputs, out / "gradcam", cfg.gradcam)
+    report = write_report(out, cfg, loaded, outputs, confusions, wrong, speed, cams)
+    log.info("evaluation of %s on %s (%d images): %s", cfg.model, cfg.split, len(outputs.paths), report)
+    log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if not k.endswith("/count")})
+    return metrics
+
+
+# ---- data -----------------------------------------------------------------------------------------------------------
+
+
+def build_data(cfg: DictConfig, loaded: LoadedModel) -> L.LightningDataModule:
+    """The data to evaluate on: `data=` from the command line, else the data the model was trained on, read with the
+    model's own input transform. Its tasks must be the model's."""
+    if cfg.get("data") is not None:
+        data_cfg = cfg.data
+    elif loaded.config and loaded.config.get("data"):
+        data_cfg = OmegaConf.create(loaded.config["data"])
+    else:
+        raise ConfigError(
+            f"{cfg.model} does not record the data it was trained on; name the data: "
+            "data=folder data.root=/path/to/images (or another data config)"
+        )
+    datamodule = instantiate(data_cfg, transform=loaded.transform)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    splits = sorted(set(datamodule.table.frame["split"].astype(str)))
+    if cfg.split not in splits:
+        raise DataError(
+            f"the data has no split {cfg.split!r}; its splits are {', '.join(splits)}. Use split=<one>"
+        )
+    check_tasks(loaded.flow, datamodule)
+    return datamodule
+
+
+def check_tasks(flow: TaskFlow, datamodule: L.LightningDataModule) -> None:
+    from headstart.training import data_flow
+
+    data = TaskFlow.from_spec(data_flow(datamodule))
+    for path, task in flow.tasks.items():
+        other = data.tasks.get(path)
+        if other is None or other.kind != task.kind or list(other.classes) != list(task.classes):
+            theirs = f"{other.kind} {list(other.classes)}" if other else "absent"
+            raise DataError(
+                f"the data does not answer the model's task '{path}' ({task.kind} {list(task.classes)}); in the "
+                f"data it is {theirs}. Evaluate on data with the same tasks and classes (data=..., data.root=...)"
+            )
+
+
+def run_split(loaded: LoadedModel, datamodule: L.LightningDataModule, split: str) -> Outputs:
+    """Run the model over one split: metrics (the same FlowMetrics as training) and every sample's logits."""
+    flow = loaded.flow
+    metrics = FlowMetrics(flow)
+    frame_paths = datamodule.table.frame["path"].astype(str).to_numpy()
+    index, logits, targets = [], {p: [] for p in flow.leaf_paths}, {p: [] for p in flow.leaf_paths}
+    for batch in datamodule.dataloader(split):
+        if batch is None:
+            continue
+        out = loaded.runner(batch["inputs"])
+        total, per_task = flow.loss(out, batch["targets"])
+        losses = {
+            "loss": total,
+            **({f"{p}/loss": v for p, v in per_task.items()} if len(per_task) > 1 else {}),
+        }
+        metrics.update(out, batch["targets"], losses)
+        index.append(batch["index"])
+        for p in flow.leaf_paths:
+            logits[p].append(out[p])
+            targets[p].append(batch["targets"][p])
+    if not index:
+        raise DataError(f"split {split!r} has no readable images to evaluate")
+    values = {f"{split}/{k}": float(v) for k, v in metrics.compute().items()}
+    idx = torch.cat(index)
+    return Outputs(
+        index=idx,
+        paths=[frame_paths[i] for i in idx.tolist()],
+        logits={p: torch.cat(v) for p, v in logits.items()},
+        targets={p: torch.cat(v) for p, v in targets.items()},
+        metrics=values,
+        confusion={p: metrics.confusion(p) for p in flow.leaf_paths},
+    )
+
+
+# ---- pictures and files ---------------------------------------------------------------------------------------------
+
+
+def class_names(task) -> list[str]:
+    return list(task.classes) if task.kind == "multiclass" else ["no", "yes"]
+
+
+def write_confusions(flow: TaskFlow, confusion: dict, folder: Path) -> dict[str, Path]:
+    """One PNG per classification task."""
+    written: dict[str, Path] = {}
+    for path, matrix in confusion.items():
+        task = flow.tasks[path]
+        if matrix is None or task.kind not in CLASSIFICATION:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        fig = confusion_figure(matrix, class_names(task), title=path)
+        written[path] = folder / f"{_safe(path)}.png"
+        fig.savefig(written[path], dpi=100)
+    return written
+
+
+def wrong_predictions(flow: TaskFlow, outputs: Outputs) -> list[dict[str, Any]]:
+    """Samples a classification task got wrong where it applies by ground truth: {i, task, true, predicted}."""
+    predicted = flow.predict(outputs.logits)
+    masks = flow.masks(outputs.targets)
+    rows: list[dict[str, Any]] = []
+    for path, task in flow.tasks.items():
+        if task.kind not in CLASSIFICATION:
+            continue
+        names = class_names(task)
+        value = predicted[path]["value"]
+        target = outputs.targets[path]
+        for i in torch.nonzero(masks[path]).flatten().tolist():
+            v = value[i]
+            truth = int(target[i] > 0.5) if task.kind == "binary" else int(target[i])
+            guess = None if torch.isnan(v) else int(v)
+            if guess != truth:
+                rows.append(
+                    {
+                        "i": i,
+                        "path": outputs.paths[i],
+                        "task": path,
+                        "true": names[truth],
+                        "predicted": "not_applicable" if guess is None else names[guess],
+                    }
+                )
+    return rows
+
+
+def copy_wrong(
+    flow: TaskFlow, outputs: Outputs, folder: Path, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Copy wrongly predicted images to `wrong/<true>__as__<predicted>/` (`wrong/<task>/...` for several tasks)."""
+    rows = wrong_predictions(flow, outputs)
+    multi = len(flow.tasks) > 1
+    for n, row in enumerate(rows if limit is None else rows[:limit]):
+        pair = f"{_safe(row['true'])}__as__{_safe(row['predicted'])}"
+        target = folder / _safe(row["task"]) / pair if multi else folder / pair
+        target.mkdir(parents=True, exist_ok=True)
+        src = Path(row["path"])
+        dest = target / f"{row['i']:05d}_{src.name}"
+        shutil.copyfile(src, dest)
+        row["copy"] = str(dest.relative_to(folder.parent))
+        rows[n] = row
+    if rows:
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(folder.parent / "wrong.csv", index=False)
+    return rows
+
+
+def write_gradcams(loaded: LoadedModel, outputs: Outputs, folder: Path, count: int) -> list[dict[str, Any]]:
+    """Grad-CAM overlays for `count` images (wrong ones first), PyTorch models only."""
+    if count <= 0 or loaded.torch_model is None:
+        return []
+    from headstart.gradcam import grad_cam, overlay
+
+    flow = loaded.flow
+    task = next((p for p, t in flow.tasks.items() if t.kind in CLASSIFICATION), flow.leaf_paths[0])
+    wrong = [r["i"] for r in wrong_predictions(flow, outputs) if r["task"] == task]
+    order = list(dict.fromkeys(wrong[: count // 2 + count % 2] + list(range(len(outputs.paths)))))[:count]
+    predicted = flow.predict(outputs.logits)[task]["value"]
+    names = class_names(flow.tasks[task]) if flow.tasks[task].kind in CLASSIFICATION else None
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, i in enumerate(order):
+        image = load_rgb(outputs.paths[i])
+        cam = grad_cam(loaded.torch_model, image, task=task)
+        label = ""
+        if names is not None:
+            t = outputs.targets[task][i]
+            truth = (
+                "unknown"
+                if torch.isnan(t)
+                else names[int(t > 0.5) if len(names) == 2 and flow.tasks[task].kind == "binary" else int(t)]
+            )
+            guess = "not_applicable" if torch.isnan(predicted[i]) else names[int(predicted[i])]
+            label = f"{truth}__as__{guess}"
+        path = folder / f"{k:02d}_{_safe(label or 'image')}.png"
+        overlay(image, cam).save(path)
+        written.append({"path": path, "image": outputs.paths[i], "label": label, "task": task})
+    return written
+
+
+def measure(loaded: LoadedModel, paths: list[str], opts: DictConfig) -> dict[str, Any]:
+    """Batch-1 latency and batch-N throughput of the runtime actually used, on real preprocessed images."""
+    from headstart.speed import machine_info, measure_speed, torch_threads
+    from headstart.transforms import eval_transform
+
+    t = eval_transform(loaded.transform)
+    images = torch.stack([t(load_rgb(p)) for p in paths[: min(len(paths), opts.throughput_batch)]])
+
+    def make_batch(n: int) -> torch.Tensor:
+        reps = -(-n // len(images))
+        return images.repeat(reps, 1, 1, 1)[:n].contiguous()
+
+    runner = loaded.runner
+    with torch_threads(runner.threads):
+        speed = measure_speed(
+            runner,
+            make_batch,
+            latency_batch=1,
+            throughput_batch=int(opts.throughput_batch),
+            min_runs=int(opts.min_runs),
+            min_seconds=float(opts.min_seconds),
+        )
+    return {**speed, "machine": machine_info(runner.threads, runner.runtime)}
+
+
+# ---- the report -----------------------------------------------------------------------------------------------------
+
+
+def write_report(
+    out: Path,
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    outputs: Outputs,
+    confusions: dict[str, Path],
+    wrong: list[dict[str, Any]],
+    speed: dict[str, Any],
+    cams: list[dict[str, Any]],
+) -> Path:
+    from headstart.speed import format_speed
+
+    kinds = {p: t.kind for p, t in loaded.flow.tasks.items()}
+    table = task_metrics_table(outputs.metrics, cfg.split, kinds)
+    lines = [
+        f"# Evaluation: {cfg.model}",
+        "",
+        f"- model: `{loaded.source}` ({loaded.kind}), runtime **{loaded.runner.runtime}**, "
+        f"{loaded.runner.threads} threads",
+        f"- data: split `{cfg.split}`, {len(outputs.paths)} images",
+        f"- loss: {outputs.metrics.get(f'{cfg.split}/loss', float('nan')):.4f}",
+        "",
+        "## Metrics per task",
+        "",
+        "On the samples where each task applies by ground truth; `e2e_acc` also counts the flow's decisions.",
+        "",
+        markdown_table(table.fillna("")) if not table.empty else "(no task had labelled samples)",
+        "",
+        "## Speed",
+        "",
+        format_speed(speed, speed["machine"]),
+        "",
+    ]
+    if confusions:
+        lines += ["## Confusion matrices", ""]
+        lines += [f"![{p}]({path.relative_to(out)})" for p, path in confusions.items()]
+        lines.append("")
+    lines += ["## Wrong predictions", ""]
+    if not cfg.wrong.copy:
+        lines.append("Not copied (wrong.copy=false).")
+    elif not wrong:
+        lines.append("None: every classification decision was right.")
+    else:
+        import pandas as pd
+
+        counts = pd.DataFrame(wrong).groupby(["task", "true", "predicted"]).size().reset_index(name="images")
+        lines += [
+            f"{len(wrong)} wrong decisions; the images are copied under `wrong/` (list: `wrong.csv`).",
+            "",
+            markdown_table(counts.sort_values("images", ascending=False)),
+        ]
+    lines.append("")
+    lines += ["## Grad-CAM", ""]
+    if loaded.torch_model is None:
+        lines.append(
+            "Not available: Grad-CAM needs gradients, and this model is ONNX only (evaluate the .ckpt)."
+        )
+    elif not cams:
+        lines.append("Off (gradcam=0).")
+    else:
+        lines.append(f"Where the backbone looked for task `{cams[0]['task']}` (wrong predictions first).")
+        lines.append("")
+        lines += [
+            f"![{c['label']}]({c['path'].relative_to(out)}) `{Path(c['image']).name}` {c['label']}"
+            for c in cams
+        ]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "_"

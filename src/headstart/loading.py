@@ -1,0 +1,162 @@
+"""Open any model a user points at: a run directory, a `.ckpt`, a `.onnx` file or a bundle folder (or URL)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from headstart.bundle import DESCRIPTION, FULL_GRAPH, SUMS, is_url
+from headstart.errors import ConfigError, ExportError, HeadstartError
+from headstart.export import export_onnx, read_metadata
+from headstart.flow import TaskFlow
+from headstart.model import HeadstartModel
+from headstart.runtime import OnnxRunner, Runner, TorchRunner
+from headstart.transforms import InputTransform
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "onnx", "pytorch")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run on image batches, with what is needed to feed it and to decode and trace it."""
+
+    source: str
+    kind: str  # "checkpoint", "onnx", "bundle"
+    runner: Runner
+    flow: TaskFlow
+    transform: InputTransform
+    config: dict | None  # the resolved training config, when recorded
+    torch_model: HeadstartModel | None  # for what needs gradients (Grad-CAM); None for ONNX-only sources
+
+
+def load_model(
+    source: str | Path, runtime: str = "auto", threads: int | None = None, work_dir: Path | None = None
+) -> LoadedModel:
+    """Open `source`. runtime: "auto" (ONNX Runtime, the faster one on CPU, exporting a checkpoint to
+    `work_dir/model.onnx` first when it has no export), "onnx", or "pytorch" (checkpoints only)."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if is_url(source) or _is_bundle(Path(source)):
+        return _bundle(source, runtime, threads)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"model={source}: no such file or folder. Pass a run directory, a .ckpt, a .onnx file or a bundle folder"
+        )
+    if path.is_dir():
+        return _run_dir(path, runtime, threads, work_dir)
+    if path.suffix == ".onnx":
+        if runtime == "pytorch":
+            raise ConfigError(
+                f"model={source} is an ONNX file: it runs with runtime=onnx (or auto), not pytorch"
+            )
+        return _onnx(path, threads, torch_model=None)
+    if path.suffix == ".ckpt":
+        return _checkpoint(path, runtime, threads, work_dir, onnx=None)
+    raise ConfigError(f"model={source}: expected a run directory, a .ckpt, a .onnx file or a bundle folder")
+
+
+def _is_bundle(path: Path) -> bool:
+    return path.is_dir() and (path / SUMS).is_file() and (path / DESCRIPTION).is_file()
+
+
+def _bundle(source: str | Path, runtime: str, threads: int | None) -> LoadedModel:
+    from headstart.predictor import Predictor
+
+    if runtime == "pytorch":
+        raise ConfigError(
+            f"model={source} is a bundle (ONNX): it runs with runtime=onnx (or auto), not pytorch"
+        )
+    p = Predictor.load(source, threads=threads)
+    return LoadedModel(
+        str(source), "bundle", p.runner, p.flow, p.transform, p.description.get("config"), None
+    )
+
+
+def _onnx(path: Path, threads: int | None, torch_model: HeadstartModel | None) -> LoadedModel:
+    desc = read_metadata(path)
+    if desc is None:
+        raise ConfigError(
+            f"{path} has no headstart description in its metadata, so its inputs and outputs cannot be decoded; "
+            "evaluate ONNX files exported by headstart (model.onnx of a run, or a bundle)"
+        )
+    flow = _flow(desc)
+    runner = OnnxRunner(path, flow.leaf_paths, threads)
+    transform = InputTransform.from_dict(desc["transform"])
+    return LoadedModel(str(path), "onnx", runner, flow, transform, desc.get("config"), torch_model)
+
+
+def _checkpoint(
+    path: Path, runtime: str, threads: int | None, work_dir: Path | None, onnx: Path | None
+) -> LoadedModel:
+    try:
+        model = HeadstartModel.from_checkpoint(path)
+    except HeadstartError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"{path} is not a headstart checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+    if model.backbone is None:
+        raise ConfigError(
+            f"{path} is a head trained on DoF features (no backbone), so it cannot read images. Evaluate the "
+            "image model of that run: checkpoints/image_model.ckpt, model.onnx or bundle/"
+        )
+    model.eval()
+    if runtime == "pytorch":
+        return LoadedModel(
+            str(path),
+            "checkpoint",
+            TorchRunner(model, threads),
+            model.flow,
+            model.input_transform,
+            model.run_config,
+            model,
+        )
+    if onnx is None:
+        if work_dir is None:
+            raise ExportError("runtime=onnx on a checkpoint needs a folder to export to")
+        onnx = work_dir / FULL_GRAPH
+        export_onnx(model, onnx, metadata=_metadata(model))
+        log.info("exported %s to %s for ONNX Runtime", path, onnx)
+    loaded = _onnx(onnx, threads, torch_model=model)
+    loaded.source, loaded.kind = str(path), "checkpoint"
+    return loaded
+
+
+def _run_dir(path: Path, runtime: str, threads: int | None, work_dir: Path | None) -> LoadedModel:
+    checkpoints = path / "checkpoints"
+    ckpt = next(
+        (c for c in (checkpoints / "image_model.ckpt", checkpoints / "best.ckpt") if c.is_file()), None
+    )
+    onnx = path / FULL_GRAPH
+    if ckpt is None and not onnx.is_file():
+        raise ConfigError(
+            f"model={path}: a folder must be a run directory (with checkpoints/best.ckpt or model.onnx) or a bundle "
+            f"(with {SUMS}); this one is neither"
+        )
+    if ckpt is None:
+        return _onnx(onnx, threads, torch_model=None)
+    loaded = _checkpoint(ckpt, runtime, threads, work_dir, onnx=onnx if onnx.is_file() else None)
+    if loaded.kind == "checkpoint" and onnx.is_file() and loaded.runner.runtime == "onnxruntime":
+        loaded.kind = "onnx"
+        loaded.source = str(onnx)
+    return loaded
+
+
+def _flow(desc: dict[str, Any]) -> TaskFlow:
+    flow = TaskFlow.from_spec(desc["flow"])
+    flow.load_state({"thresholds": desc.get("thresholds") or {}})
+    return flow
+
+
+def _metadata(model: HeadstartModel) -> dict:
+    from headstart.bundle import describe_model
+
+    return describe_model(
+        model, "full", model.backbone.weights_sha256(), model.backbone.feature_dim, model.run_config
+    )

@@ -1,0 +1,112 @@
+"""ONNX Runtime sessions and the runners that turn a batch of images into {task: logits} for any model format."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+INPUT_NAME = "images"
+FEATURES_NAME = "features"
+LOGITS_PREFIX = "logits/"
+
+
+def logits_name(path: str) -> str:
+    """The ONNX output name of a task's logits (task paths may contain dots; ONNX names allow them)."""
+    return LOGITS_PREFIX + path
+
+
+def default_threads() -> int:
+    """Threads for inference when none are given: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def ort_session(path: str | Path, threads: int | None = None, device: str = "cpu"):
+    """An onnxruntime.InferenceSession with all graph optimizations, `threads` intra-op threads and one inter-op
+    thread (sequential execution: the graph is one chain, parallel execution only adds scheduling)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = int(threads or default_threads())
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+class Runner(Protocol):
+    """Anything that maps a float batch [B, 3, H, W] to {task path: logits} (torch tensors on the CPU)."""
+
+    runtime: str
+    threads: int
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class OnnxRunner:
+    """Runs an exported headstart model (outputs `features` and `logits/<task>`) with ONNX Runtime."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, tasks: list[str], threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.threads = int(threads or default_threads())
+        self.session = ort_session(self.path, self.threads)
+        self.tasks = list(tasks)
+        self._outputs = [FEATURES_NAME, *(logits_name(t) for t in self.tasks)]
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """{output name: array} for a float32 batch."""
+        values = self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+        return dict(zip(self._outputs, values, strict=True))
+
+    def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
+        out = self.run(images)
+        return {t: torch.from_numpy(out[logits_name(t)]) for t in self.tasks}
+
+
+class HeadRunner:
+    """Runs a head-only ONNX graph (input `features`, outputs `logits/<task>`) with ONNX Runtime."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, tasks: list[str], threads: int | None = None) -> None:
+        self.threads = int(threads or default_threads())
+        self.session = ort_session(path, self.threads)
+        self.tasks = list(tasks)
+
+    def __call__(self, features: np.ndarray) -> dict[str, torch.Tensor]:
+        names = [logits_name(t) for t in self.tasks]
+        values = self.session.run(names, {FEATURES_NAME: np.ascontiguousarray(features, dtype=np.float32)})
+        return {t: torch.from_numpy(v) for t, v in zip(self.tasks, values, strict=True)}
+
+
+class TorchRunner:
+    """Runs a HeadstartModel in PyTorch eager mode, in eval mode and without gradients."""
+
+    runtime = "pytorch"
+
+    def __init__(self, model: torch.nn.Module, threads: int | None = None, device: str = "cpu") -> None:
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.threads = int(threads or torch.get_num_threads())
+
+    def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        with torch.inference_mode():
+            out: Mapping[str, torch.Tensor] = self.model(images.to(self.device, torch.float32))
+        return {k: v.float().cpu() for k, v in out.items()}
