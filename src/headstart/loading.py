@@ -34,14 +34,19 @@ class LoadedModel:
 
 
 def load_model(
-    source: str | Path, runtime: str = "auto", threads: int | None = None, work_dir: Path | None = None
+    source: str | Path,
+    runtime: str = "auto",
+    threads: int | None = None,
+    work_dir: Path | None = None,
+    base: str | Path | None = None,
 ) -> LoadedModel:
     """Open `source`. runtime: "auto" (ONNX Runtime, the faster one on CPU, exporting a checkpoint to
-    `work_dir/model.onnx` first when it has no export), "onnx", or "pytorch" (checkpoints only)."""
+    `work_dir/model.onnx` first when it has no export), "onnx", or "pytorch" (checkpoints only). `base`: the base
+    bundle of a head update."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if is_url(source) or _is_bundle(Path(source)):
-        return _bundle(source, runtime, threads)
+        return _bundle(source, runtime, threads, base)
     path = Path(source).expanduser()
     if not path.exists():
         raise ConfigError(
@@ -64,7 +69,7 @@ def _is_bundle(path: Path) -> bool:
     return path.is_dir() and (path / SUMS).is_file() and (path / DESCRIPTION).is_file()
 
 
-def _bundle(source: str | Path, runtime: str, threads: int | None) -> LoadedModel:
+def _bundle(source: str | Path, runtime: str, threads: int | None, base: str | Path | None) -> LoadedModel:
     from headstart.predictor import Predictor
 
     if runtime == "pytorch":

@@ -136,6 +136,18 @@ class Predictor:
         parts = [self._run(b) for b in batches]
         return {t: torch.cat([p[t] for p in parts]) for t in self.tasks}
 
+    runtime = "onnxruntime"
+
+    @property
+    def threads(self) -> int:
+        return self.runner.threads
+
+    def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """{task: logits} for a preprocessed batch (the Runner interface evaluate.py uses)."""
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
+        return self._run(images)
+
     def _run(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
         if self.head is None:
             return self.runner(batch)
