@@ -98,7 +98,17 @@ def test_torch_threads_sets_and_restores():
 
 def test_machine_info_and_format():
     info = machine_info(threads=3, runtime="onnxruntime")
-    assert set(info) >= {"cpu", "cores", "threads", "runtime", "device", "platform", "python", "torch", "onnxruntime"}
+    assert set(info) >= {
+        "cpu",
+        "cores",
+        "threads",
+        "runtime",
+        "device",
+        "platform",
+        "python",
+        "torch",
+        "onnxruntime",
+    }
     assert info["threads"] == 3 and info["runtime"] == "onnxruntime" and info["device"] == "cpu"
     assert info["cores"] >= 1 and info["cpu"] and info["torch"] == torch.__version__
     speed = {

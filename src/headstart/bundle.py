@@ -178,6 +178,7 @@ def write_head_update(
     """
     out = Path(out)
     model = model.eval()
+    golden_features = golden_features.detach().float().cpu()
     feature_dim = int(golden_features.shape[1])
     desc = describe_model(
         model, "head_update", backbone_sha256, feature_dim, config, metrics, len(golden_features), atol
@@ -212,7 +213,8 @@ def _fresh_tmp(out: Path) -> Path:
 
 
 def _finish(tmp: Path, out: Path, desc: dict) -> None:
-    (tmp / DESCRIPTION).write_text(json.dumps(desc, indent=2, sort_keys=True, default=str) + "\n")
+    # Not sort_keys: the order of the flow's tasks is its declaration order (columns, reports, explain follow it).
+    (tmp / DESCRIPTION).write_text(json.dumps(desc, indent=2, default=str) + "\n")
     lines = [f"{sha256_file(p)}  {p.name}" for p in sorted(tmp.iterdir()) if p.is_file()]
     (tmp / SUMS).write_text("\n".join(lines) + "\n")
     if out.exists():
@@ -321,9 +323,12 @@ def fetch_bundle(url: str, cache_dir: str | Path | None = None, timeout: float =
     tmp.mkdir(parents=True)
     try:
         _download(base + SUMS, tmp / SUMS, timeout)
-        for name in read_sums(tmp):
-            _download(base + urllib.parse.quote(name), tmp / name, timeout)
-        verify_bundle(tmp)
+        try:
+            for name in read_sums(tmp):
+                _download(base + urllib.parse.quote(name), tmp / name, timeout)
+            verify_bundle(tmp)
+        except BundleError as e:  # name the URL, not the temporary download folder
+            raise BundleError(str(e).replace(str(tmp), url)) from None
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

@@ -206,7 +206,7 @@ def _save(program: Any, path: Path, metadata: dict[str, Any] | None) -> Path:
     proto = program.model_proto
     if metadata is not None:
         del proto.metadata_props[:]
-        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata, sort_keys=True))
+        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
