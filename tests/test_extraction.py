@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, compose_train, make_tree, run_script, shared_data
 
+from headstart import Predictor
 from headstart.data.features import FeatureDataModule, RowBatchSampler
 from headstart.dof import DofWriter, open_dof
 from headstart.errors import ConfigError, DataError
@@ -197,6 +198,37 @@ def test_dog_cat_on_dof_features_reaches_96_percent(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test/label/acc"] >= 0.96, metrics
     assert (tmp_path / "run" / "checkpoints" / "image_model.ckpt").is_file()
+
+    # Another site retrains the head on the same backbone's features and ships only the head: applied on the first
+    # run's bundle it must predict exactly like the full export of the retrained model.
+    (dof_path,) = (tmp_path / "dof" / "dog_cat").iterdir()
+    site = tmp_path / "site2"
+    train(
+        compose_train(
+            [
+                "experiment=dog_cat_dof",
+                f"data.root={root}",
+                f"extract.path={dof_path}",
+                "seed=7",
+                "trainer.max_epochs=2",
+                "optimizer.lr=0.01",
+            ],
+            site,
+        )
+    )
+    update, full = site / "run" / "head_update", site / "run" / "bundle"
+    assert sum(f.stat().st_size for f in update.iterdir()) < 48 * 1024  # the head alone: KB, not MB
+    images = sorted((root / "test").rglob("*.jpg"))[:12]
+    combined = Predictor.load(update, base=tmp_path / "run" / "bundle").predict(images)
+    alone = Predictor.load(full).predict(images)
+    first = Predictor.load(tmp_path / "run" / "bundle").predict(images)
+    assert [c["label"]["value"] for c in combined] == [a["label"]["value"] for a in alone]
+    assert [c["label"]["score"] for c in combined] == pytest.approx(
+        [a["label"]["score"] for a in alone], abs=1e-5
+    )
+    assert [c["label"]["score"] for c in combined] != pytest.approx(
+        [f["label"]["score"] for f in first], abs=1e-3
+    )
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, compose_train, make_image, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from headstart import Predictor
 from headstart.model import HeadstartModel
 from headstart.thresholds import store_flow_in_checkpoint
 from headstart.training import train
@@ -146,6 +147,14 @@ def test_security_flow_trains_on_dof_features(tmp_path):
         full.flow.leaf_paths
         == HeadstartModel.from_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt").flow.leaf_paths
     )
+    # The run ships the image model and the head alone; both answer every task the same, not-applicable included.
+    run = tmp_path / "run"
+    images = sorted((tmp_path / "data" / "security").rglob("*.png"))[:16]
+    whole = Predictor.load(run / "bundle").predict(images)
+    combined = Predictor.load(run / "head_update", base=run / "bundle").predict(images)
+    assert [{t: p[t]["value"] for t in p} for p in combined] == [{t: p[t]["value"] for t in p} for p in whole]
+    assert any(not p[t]["applicable"] for p in whole for t in p)
+    assert Predictor.load(run / "bundle").explain(images[0]).startswith("camera_blocked: ")
 
 
 def test_uncertainty_weighting_is_selected_from_config_and_learns_task_weights(tmp_path):
