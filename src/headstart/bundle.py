@@ -282,6 +282,8 @@ def verify_bundle(folder: str | Path) -> dict[str, Any]:
             "Upgrade headstart or re-export the bundle"
         )
     graph = desc.get("graph")
+    if graph != (FULL_GRAPH if desc["kind"] == "full" else HEAD_GRAPH):
+        raise BundleError(f"bundle {folder}: a {desc['kind']} bundle's graph must be named as such, not {graph!r}")
     if graph not in sums:
         raise BundleError(f"bundle {folder}: its graph {graph!r} is not listed in {SUMS}")
     return desc
