@@ -89,12 +89,18 @@ def test_training_ships_a_checked_onnx_file_and_a_bundle(run):
         expected = decode(model.flow, model(torch.stack([t(Image.open(p).convert("RGB")) for p in images])))
     got = predictor.predict(images)
     assert [g["label"]["value"] for g in got] == [e["label"]["value"] for e in expected]
-    assert [g["label"]["score"] for g in got] == pytest.approx([e["label"]["score"] for e in expected], abs=1e-5)
+    assert [g["label"]["score"] for g in got] == pytest.approx(
+        [e["label"]["score"] for e in expected], abs=1e-5
+    )
 
 
 @pytest.mark.slow
 def test_export_off_writes_no_onnx_and_no_bundle(tmp_path):
-    train(compose_train(["trainer.max_epochs=1", "trainer.limit_train_batches=4", "export.onnx=false"], tmp_path))
+    train(
+        compose_train(
+            ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "export.onnx=false"], tmp_path
+        )
+    )
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
     assert not (tmp_path / "run" / "model.onnx").exists()
     assert not (tmp_path / "run" / "bundle").exists()

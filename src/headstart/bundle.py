@@ -283,7 +283,9 @@ def verify_bundle(folder: str | Path) -> dict[str, Any]:
         )
     graph = desc.get("graph")
     if graph != (FULL_GRAPH if desc["kind"] == "full" else HEAD_GRAPH):
-        raise BundleError(f"bundle {folder}: a {desc['kind']} bundle's graph must be named as such, not {graph!r}")
+        raise BundleError(
+            f"bundle {folder}: a {desc['kind']} bundle's graph must be named as such, not {graph!r}"
+        )
     if graph not in sums:
         raise BundleError(f"bundle {folder}: its graph {graph!r} is not listed in {SUMS}")
     return desc

@@ -93,7 +93,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         log.warning("unreadable image %s (%s)", u["path"], u["error"])
     log.info(
         "predicted %d images (%d unreadable) with %s: %s",
-        len(rows), len(unreadable), loaded.runner.runtime, out / "predictions.csv",
+        len(rows),
+        len(unreadable),
+        loaded.runner.runtime,
+        out / "predictions.csv",
     )
     return {"predicted": len(rows), "unreadable": len(unreadable), "dir": str(out)}
 
