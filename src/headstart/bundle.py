@@ -114,6 +114,31 @@ def describe_model(
     }
 
 
+def describe_image_model(
+    model: HeadstartModel,
+    config: dict | None = None,
+    metrics: dict[str, float] | None = None,
+    golden_count: int = 0,
+    atol: float = DEFAULT_ATOL,
+) -> dict[str, Any]:
+    """model.json of a full (backbone + head) model."""
+    if model.backbone is None:
+        raise BundleError(
+            "a full bundle needs an image model (backbone + head); this one is a head trained on DoF features. "
+            "Write a head update with write_head_update, or bundle checkpoints/image_model.ckpt"
+        )
+    return describe_model(
+        model,
+        "full",
+        model.backbone.weights_sha256(),
+        model.backbone.feature_dim,
+        config,
+        metrics,
+        golden_count=golden_count,
+        atol=atol,
+    )
+
+
 # ---- writing --------------------------------------------------------------------------------------------------------
 
 
@@ -132,16 +157,7 @@ def write_bundle(
     reproduce them within `atol` (ExportError otherwise). `onnx_path`: an export of this model to reuse.
     """
     out = Path(out)
-    if model.backbone is None:
-        raise BundleError(
-            "a full bundle needs an image model (backbone + head); this one is a head trained on DoF features. "
-            "Write a head update with write_head_update, or bundle checkpoints/image_model.ckpt"
-        )
-    model = model.eval()
-    sha = model.backbone.weights_sha256()
-    desc = describe_model(
-        model, "full", sha, model.backbone.feature_dim, config, metrics, golden_count=len(golden), atol=atol
-    )
+    desc = describe_image_model(model.eval(), config, metrics, golden_count=len(golden), atol=atol)
     tmp = _fresh_tmp(out)
     try:
         graph = tmp / FULL_GRAPH

@@ -145,6 +145,14 @@ def class_names(task) -> list[str]:
     return list(task.classes) if task.kind == "multiclass" else ["no", "yes"]
 
 
+def decision_name(task, value: torch.Tensor) -> str | None:
+    """The class name of a decoded value or target of a classification task; None when it is NaN."""
+    if torch.isnan(value):
+        return None
+    index = int(value > 0.5) if task.kind == "binary" else int(value)
+    return class_names(task)[index]
+
+
 def write_confusions(flow: TaskFlow, confusion: dict, folder: Path) -> dict[str, Path]:
     """One PNG per classification task."""
     written: dict[str, Path] = {}
@@ -160,29 +168,19 @@ def write_confusions(flow: TaskFlow, confusion: dict, folder: Path) -> dict[str,
 
 
 def wrong_predictions(flow: TaskFlow, outputs: Outputs) -> list[dict[str, Any]]:
-    """Samples a classification task got wrong where it applies by ground truth: {i, task, true, predicted}."""
+    """Samples a classification task got wrong where it applies by ground truth: {i, path, task, true, predicted}."""
     predicted = flow.predict(outputs.logits)
     masks = flow.masks(outputs.targets)
     rows: list[dict[str, Any]] = []
     for path, task in flow.tasks.items():
         if task.kind not in CLASSIFICATION:
             continue
-        names = class_names(task)
-        value = predicted[path]["value"]
-        target = outputs.targets[path]
         for i in torch.nonzero(masks[path]).flatten().tolist():
-            v = value[i]
-            truth = int(target[i] > 0.5) if task.kind == "binary" else int(target[i])
-            guess = None if torch.isnan(v) else int(v)
+            truth = decision_name(task, outputs.targets[path][i])
+            guess = decision_name(task, predicted[path]["value"][i]) or "not_applicable"
             if guess != truth:
                 rows.append(
-                    {
-                        "i": i,
-                        "path": outputs.paths[i],
-                        "task": path,
-                        "true": names[truth],
-                        "predicted": "not_applicable" if guess is None else names[guess],
-                    }
+                    {"i": i, "path": outputs.paths[i], "task": path, "true": truth, "predicted": guess}
                 )
     return rows
 
@@ -193,7 +191,7 @@ def copy_wrong(
     """Copy wrongly predicted images to `wrong/<true>__as__<predicted>/` (`wrong/<task>/...` for several tasks)."""
     rows = wrong_predictions(flow, outputs)
     multi = len(flow.tasks) > 1
-    for n, row in enumerate(rows if limit is None else rows[:limit]):
+    for row in rows if limit is None else rows[:limit]:
         pair = f"{_safe(row['true'])}__as__{_safe(row['predicted'])}"
         target = folder / _safe(row["task"]) / pair if multi else folder / pair
         target.mkdir(parents=True, exist_ok=True)
@@ -201,7 +199,6 @@ def copy_wrong(
         dest = target / f"{row['i']:05d}_{src.name}"
         shutil.copyfile(src, dest)
         row["copy"] = str(dest.relative_to(folder.parent))
-        rows[n] = row
     if rows:
         import pandas as pd
 
@@ -210,35 +207,28 @@ def copy_wrong(
 
 
 def write_gradcams(loaded: LoadedModel, outputs: Outputs, folder: Path, count: int) -> list[dict[str, Any]]:
-    """Grad-CAM overlays for `count` images (wrong ones first), PyTorch models only."""
+    """Grad-CAM overlays for `count` images (wrong ones first) of the first classification task; PyTorch only."""
     if count <= 0 or loaded.torch_model is None:
         return []
     from headstart.gradcam import grad_cam, overlay
 
     flow = loaded.flow
-    task = next((p for p, t in flow.tasks.items() if t.kind in CLASSIFICATION), flow.leaf_paths[0])
-    wrong = [r["i"] for r in wrong_predictions(flow, outputs) if r["task"] == task]
-    order = list(dict.fromkeys(wrong[: count // 2 + count % 2] + list(range(len(outputs.paths)))))[:count]
-    predicted = flow.predict(outputs.logits)[task]["value"]
-    names = class_names(flow.tasks[task]) if flow.tasks[task].kind in CLASSIFICATION else None
+    path = next((p for p, t in flow.tasks.items() if t.kind in CLASSIFICATION), flow.leaf_paths[0])
+    task = flow.tasks[path]
+    wrong = [r["i"] for r in wrong_predictions(flow, outputs) if r["task"] == path]
+    order = list(dict.fromkeys(wrong[: (count + 1) // 2] + list(range(len(outputs.paths)))))[:count]
+    predicted = flow.predict(outputs.logits)[path]["value"]
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for k, i in enumerate(order):
         image = load_rgb(outputs.paths[i])
-        cam = grad_cam(loaded.torch_model, image, task=task)
         label = ""
-        if names is not None:
-            t = outputs.targets[task][i]
-            truth = (
-                "unknown"
-                if torch.isnan(t)
-                else names[int(t > 0.5) if len(names) == 2 and flow.tasks[task].kind == "binary" else int(t)]
-            )
-            guess = "not_applicable" if torch.isnan(predicted[i]) else names[int(predicted[i])]
-            label = f"{truth}__as__{guess}"
-        path = folder / f"{k:02d}_{_safe(label or 'image')}.png"
-        overlay(image, cam).save(path)
-        written.append({"path": path, "image": outputs.paths[i], "label": label, "task": task})
+        if task.kind in CLASSIFICATION:
+            truth = decision_name(task, outputs.targets[path][i]) or "unlabelled"
+            label = f"{truth}__as__{decision_name(task, predicted[i]) or 'not_applicable'}"
+        file = folder / f"{k:02d}_{_safe(label or 'image')}.png"
+        overlay(image, grad_cam(loaded.torch_model, image, task=path)).save(file)
+        written.append({"path": file, "image": outputs.paths[i], "label": label, "task": path})
     return written
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from headstart.bundle import DESCRIPTION, FULL_GRAPH, SUMS, is_url
+from headstart.bundle import DESCRIPTION, FULL_GRAPH, SUMS, describe_image_model, is_url
 from headstart.errors import ConfigError, ExportError, HeadstartError
 from headstart.export import export_onnx, read_metadata
 from headstart.flow import TaskFlow
@@ -126,7 +126,7 @@ def _checkpoint(
         if work_dir is None:
             raise ExportError("runtime=onnx on a checkpoint needs a folder to export to")
         onnx = work_dir / FULL_GRAPH
-        export_onnx(model, onnx, metadata=_metadata(model))
+        export_onnx(model, onnx, metadata=describe_image_model(model, model.run_config))
         log.info("exported %s to %s for ONNX Runtime", path, onnx)
     loaded = _onnx(onnx, threads, torch_model=model)
     loaded.source, loaded.kind = str(path), "checkpoint"
@@ -157,11 +157,3 @@ def _flow(desc: dict[str, Any]) -> TaskFlow:
     flow = TaskFlow.from_spec(desc["flow"])
     flow.load_state({"thresholds": desc.get("thresholds") or {}})
     return flow
-
-
-def _metadata(model: HeadstartModel) -> dict:
-    from headstart.bundle import describe_model
-
-    return describe_model(
-        model, "full", model.backbone.weights_sha256(), model.backbone.feature_dim, model.run_config
-    )

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from headstart.bundle import write_bundle, write_head_update
+from headstart.bundle import describe_image_model, write_bundle, write_head_update
 from headstart.config import plain
 from headstart.data import load_rgb
 from headstart.data.features import FeatureDataModule
@@ -71,8 +71,8 @@ def ship_run(
 
     written: dict[str, Path] = {}
     onnx_path = run_dir / "model.onnx"
-    desc_metadata = _metadata(model, config, metrics, opts)
-    export_onnx(model, onnx_path, metadata=desc_metadata)
+    description = describe_image_model(model, config, metrics, golden_count=len(images), atol=opts.atol)
+    export_onnx(model, onnx_path, metadata=description)
     try:
         worst = check_parity(onnx_path, model, images, atol=opts.atol)
     except Exception:
@@ -106,18 +106,3 @@ def ship_run(
         )
         log.info("head update (for bundles with the same backbone): %s", written["head_update"])
     return written
-
-
-def _metadata(model: HeadstartModel, config: dict, metrics: dict[str, float], opts) -> dict:
-    from headstart.bundle import describe_model
-
-    return describe_model(
-        model,
-        "full",
-        model.backbone.weights_sha256(),
-        model.backbone.feature_dim,
-        config,
-        metrics,
-        golden_count=int(opts.golden),
-        atol=float(opts.atol),
-    )
