@@ -98,7 +98,7 @@ def test_training_ships_a_checked_onnx_file_and_a_bundle(run):
 def test_export_off_writes_no_onnx_and_no_bundle(tmp_path):
     train(
         compose_train(
-            ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "export.onnx=false"], tmp_path
+            ["trainer.max_epochs=1", "+trainer.limit_train_batches=4", "export.onnx=false"], tmp_path
         )
     )
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
@@ -127,7 +127,7 @@ def test_a_broken_export_fails_the_training_run_loudly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(headstart.shipping, "export_onnx", broken_export)
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
-        train(compose_train(["trainer.max_epochs=1", "trainer.limit_train_batches=4"], tmp_path))
+        train(compose_train(["trainer.max_epochs=1", "+trainer.limit_train_batches=4"], tmp_path))
     assert not (tmp_path / "run" / "model.onnx").exists()  # the broken file was not kept
     assert not (tmp_path / "run" / "bundle").exists()
     assert (tmp_path / "run" / "metrics.json").is_file()  # what training measured is kept
@@ -320,3 +320,23 @@ def test_predict_without_images_says_what_it_looked_for(tmp_path):
         find_images(str(tmp_path / "nothing_here"))
     assert len(find_images(str(tmp_path))) == 2  # recursive, images only
     assert len(find_images(str(tmp_path / "imgs" / "**" / "*.jpg"))) == 2
+
+
+def test_parity_allows_regression_values_within_tolerance_but_no_flipped_decision():
+    from headstart.export import compare_outputs
+    from headstart.flow import TaskFlow
+
+    flow = TaskFlow.from_spec(
+        {
+            "tasks": {
+                "open": {"kind": "binary"},
+                "x": {"kind": "bounded_regression", "scale": 64, "given": "open"},
+            }
+        }
+    )
+    expected = {"open": torch.tensor([2.0, 1e-6]), "x": torch.tensor([0.3, 0.1])}
+    nudged = {"open": torch.tensor([2.0, 1e-6]), "x": torch.tensor([0.30003, 0.1])}
+    assert compare_outputs(expected, nudged, flow, 1e-4, "test")["x"] == pytest.approx(3e-5, rel=0.1)
+    flipped = {"open": torch.tensor([2.0, -1e-6]), "x": torch.tensor([0.3, 0.1])}  # within 1e-4, but "no" now
+    with pytest.raises(ExportError, match="decides differently from PyTorch for task 'open'"):
+        compare_outputs(expected, flipped, flow, 1e-4, "test")
