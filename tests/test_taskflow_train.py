@@ -178,3 +178,40 @@ def test_uncertainty_weighting_is_selected_from_config_and_learns_task_weights(t
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     log_vars = {k: v for k, v in state.items() if k.startswith("weighting.")}
     assert len(log_vars) == 2 and all(float(v) != 0.0 for v in log_vars.values())  # learned, from 0
+
+
+@pytest.mark.slow
+def test_evaluate_a_flow_model_writes_the_task_table_and_a_confusion_matrix_per_classification_task(
+    security_run, tmp_path
+):
+    from hydra import compose, initialize_config_dir
+
+    from headstart.evaluation import evaluate
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose(
+            "evaluate",
+            [
+                f"model={security_run}",
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path}",
+                "gradcam=2",
+            ],
+        )
+    metrics = evaluate(cfg)
+    training = json.loads((security_run / "metrics.json").read_text())
+    assert metrics["test/person.face_colour/f1"] == pytest.approx(
+        training["test/person.face_colour/f1"], abs=1e-4
+    )
+    pictures = sorted(p.stem for p in (tmp_path / "confusion").glob("*.png"))
+    assert pictures == sorted(
+        ["camera_blocked", "door_open", "door_locked", "person_present", "person.shirt"]
+    )
+    table = pd.read_csv(tmp_path / "test_metrics.csv")
+    assert (
+        table["task"].tolist()
+        == HeadstartModel.from_checkpoint(security_run / "checkpoints" / "best.ckpt").flow.leaf_paths
+    )
+    assert len(list((tmp_path / "gradcam").glob("*.png"))) == 2
+    for copy in (tmp_path / "wrong").rglob("*.png"):  # wrong/<task>/<true>__as__<predicted>/
+        assert copy.parent.parent.name in table["task"].tolist() and "__as__" in copy.parent.name

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +38,6 @@ class Outputs:
     logits: dict[str, torch.Tensor]
     targets: dict[str, torch.Tensor]
     metrics: dict[str, float]
-    confusion: dict[str, torch.Tensor | None]
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -52,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     kinds = {p: t.kind for p, t in loaded.flow.tasks.items()}
     write_json(out / "metrics.json", metrics)
     write_task_tables(metrics, cfg.split, kinds, out)
-    confusions = write_confusions(loaded.flow, outputs.confusion, out / "confusion")
+    confusions = write_confusions(loaded.flow, outputs, out / "confusion")
     wrong = copy_wrong(loaded.flow, outputs, out / "wrong", limit=cfg.wrong.limit) if cfg.wrong.copy else []
     speed = measure(loaded, outputs.paths, cfg.speed)
     write_json(out / "speed.json", speed)
@@ -134,7 +134,6 @@ def run_split(loaded: LoadedModel, datamodule: L.LightningDataModule, split: str
         logits={p: torch.cat(v) for p, v in logits.items()},
         targets={p: torch.cat(v) for p, v in targets.items()},
         metrics=values,
-        confusion={p: metrics.confusion(p) for p in flow.leaf_paths},
     )
 
 
@@ -153,15 +152,33 @@ def decision_name(task, value: torch.Tensor) -> str | None:
     return class_names(task)[index]
 
 
-def write_confusions(flow: TaskFlow, confusion: dict, folder: Path) -> dict[str, Path]:
-    """One PNG per classification task."""
-    written: dict[str, Path] = {}
-    for path, matrix in confusion.items():
-        task = flow.tasks[path]
-        if matrix is None or task.kind not in CLASSIFICATION:
+def confusion_matrices(flow: TaskFlow, outputs: Outputs) -> dict[str, np.ndarray]:
+    """Counts per (true, predicted) class of each binary and multiclass task, on the samples where it applies by
+    ground truth and by prediction (the others are counted in `e2e_acc` and listed among the wrong ones)."""
+    predicted = flow.predict(outputs.logits)
+    masks = flow.masks(outputs.targets)
+    out: dict[str, np.ndarray] = {}
+    for path, task in flow.tasks.items():
+        if task.kind not in CLASSIFICATION:
             continue
+        names = class_names(task)
+        value = predicted[path]["value"]
+        rows = masks[path] & ~torch.isnan(value)
+        truth, guess = outputs.targets[path][rows], value[rows]
+        if task.kind == "binary":
+            truth, guess = truth > 0.5, guess > 0.5
+        matrix = np.zeros((len(names), len(names)), dtype=np.int64)
+        np.add.at(matrix, (truth.long().numpy(), guess.long().numpy()), 1)
+        out[path] = matrix
+    return out
+
+
+def write_confusions(flow: TaskFlow, outputs: Outputs, folder: Path) -> dict[str, Path]:
+    """One PNG per binary and multiclass task."""
+    written: dict[str, Path] = {}
+    for path, matrix in confusion_matrices(flow, outputs).items():
         folder.mkdir(parents=True, exist_ok=True)
-        fig = confusion_figure(matrix, class_names(task), title=path)
+        fig = confusion_figure(matrix, class_names(flow.tasks[path]), title=path)
         written[path] = folder / f"{_safe(path)}.png"
         fig.savefig(written[path], dpi=100)
     return written
