@@ -12,13 +12,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from headstart.data import load_rgb
-from headstart.errors import ConfigError, DataError
+from headstart.errors import DataError
 from headstart.flow import FlowMetrics, TaskFlow
-from headstart.loading import LoadedModel, load_model
+from headstart.loading import LoadedModel, load_model, model_datamodule
 from headstart.reports import task_metrics_table, write_task_tables
 from headstart.runs import write_json
 from headstart.tables import markdown_table
@@ -45,7 +44,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(cfg.model, cfg.runtime, cfg.threads, work_dir=out)
-    datamodule = build_data(cfg, loaded)
+    datamodule = model_datamodule(cfg.get("data"), loaded, split=cfg.split)
     outputs = run_split(loaded, datamodule, cfg.split)
 
     metrics = outputs.metrics
@@ -64,44 +63,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 # ---- data -----------------------------------------------------------------------------------------------------------
-
-
-def build_data(cfg: DictConfig, loaded: LoadedModel) -> L.LightningDataModule:
-    """The data to evaluate on: `data=` from the command line, else the data the model was trained on, read with the
-    model's own input transform. Its tasks must be the model's."""
-    if cfg.get("data") is not None:
-        data_cfg = cfg.data
-    elif loaded.config and loaded.config.get("data"):
-        data_cfg = OmegaConf.create(loaded.config["data"])
-    else:
-        raise ConfigError(
-            f"{cfg.model} does not record the data it was trained on; name the data: "
-            "data=folder data.root=/path/to/images (or another data config)"
-        )
-    datamodule = instantiate(data_cfg, transform=loaded.transform)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    splits = sorted(set(datamodule.table.frame["split"].astype(str)))
-    if cfg.split not in splits:
-        raise DataError(
-            f"the data has no split {cfg.split!r}; its splits are {', '.join(splits)}. Use split=<one>"
-        )
-    check_tasks(loaded.flow, datamodule)
-    return datamodule
-
-
-def check_tasks(flow: TaskFlow, datamodule: L.LightningDataModule) -> None:
-    from headstart.training import data_flow
-
-    data = TaskFlow.from_spec(data_flow(datamodule))
-    for path, task in flow.tasks.items():
-        other = data.tasks.get(path)
-        if other is None or other.kind != task.kind or list(other.classes) != list(task.classes):
-            theirs = f"{other.kind} {list(other.classes)}" if other else "absent"
-            raise DataError(
-                f"the data does not answer the model's task '{path}' ({task.kind} {list(task.classes)}); in the "
-                f"data it is {theirs}. Evaluate on data with the same tasks and classes (data=..., data.root=...)"
-            )
 
 
 def run_split(loaded: LoadedModel, datamodule: L.LightningDataModule, split: str) -> Outputs:

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
 from headstart.bundle import DESCRIPTION, FULL_GRAPH, SUMS, describe_image_model, is_url
-from headstart.errors import ConfigError, ExportError, HeadstartError
+from headstart.errors import ConfigError, DataError, ExportError, HeadstartError
 from headstart.export import export_onnx, read_metadata
 from headstart.flow import TaskFlow
 from headstart.model import HeadstartModel
@@ -157,3 +161,41 @@ def _flow(desc: dict[str, Any]) -> TaskFlow:
     flow = TaskFlow.from_spec(desc["flow"])
     flow.load_state({"thresholds": desc.get("thresholds") or {}})
     return flow
+
+
+def model_datamodule(data_cfg: Any, loaded: LoadedModel, split: str) -> L.LightningDataModule:
+    """The data to run a model on: `data_cfg` (from the command line), else the data the model was trained on, read
+    with the model's own input transform. It must have `split`, and its tasks must be the model's."""
+    if data_cfg is None:
+        recorded = (loaded.config or {}).get("data")
+        if not recorded:
+            raise ConfigError(
+                f"{loaded.source} does not record the data it was trained on; name the data: "
+                "data=folder data.root=/path/to/images (or another data config)"
+            )
+        data_cfg = OmegaConf.create(recorded)
+    datamodule = instantiate(data_cfg, transform=loaded.transform)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    splits = sorted(set(datamodule.table.frame["split"].astype(str)))
+    if split not in splits:
+        raise DataError(
+            f"the data has no split {split!r}; its splits are {', '.join(splits)}. Use split=<one>"
+        )
+    check_tasks(loaded.flow, datamodule)
+    return datamodule
+
+
+def check_tasks(flow: TaskFlow, datamodule: L.LightningDataModule) -> None:
+    """DataError unless the data answers every task of `flow` with the same kind and classes."""
+    from headstart.training import data_flow
+
+    data = TaskFlow.from_spec(data_flow(datamodule))
+    for path, task in flow.tasks.items():
+        other = data.tasks.get(path)
+        if other is None or other.kind != task.kind or list(other.classes) != list(task.classes):
+            theirs = f"{other.kind} {list(other.classes)}" if other else "absent"
+            raise DataError(
+                f"the data does not answer the model's task '{path}' ({task.kind} {list(task.classes)}); in the "
+                f"data it is {theirs}. Use data with the same tasks and classes (data=..., data.root=...)"
+            )
