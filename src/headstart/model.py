@@ -36,6 +36,9 @@ class HeadstartModel(L.LightningModule):
         class_weights: `{task: [w per class]}` for imbalanced data.
         label_smoothing: passed to cross-entropy.
         loss_weighting: "static" (the flow's task weights) or "uncertainty" (learned per-task weights).
+        structure: the widths of a channel-pruned backbone (plain data from
+            `headstart.pruning.pruned_structure`), applied right after the backbone is built so that the pruned
+            weights load; None for an unpruned backbone. The feature size (the head's input) is never pruned.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class HeadstartModel(L.LightningModule):
         class_weights: dict[str, list[float]] | None = None,
         label_smoothing: float = 0.0,
         loss_weighting: str = "static",
+        structure: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -58,6 +62,12 @@ class HeadstartModel(L.LightningModule):
         except FlowSpecError as e:
             raise ConfigError(f"flow: {e}") from None
         self.backbone: Backbone | None = build_backbone(**backbone) if backbone else None
+        if structure:
+            if self.backbone is None:
+                raise ConfigError("structure (a pruned backbone's widths) needs a backbone")
+            from headstart.pruning.structure import apply_structure  # lazy: only pruned models need it
+
+            apply_structure(self.backbone, structure)
         if self.backbone is not None:
             feature_dim = self.backbone.feature_dim
             self.input_transform: InputTransform | None = self.backbone.transform

@@ -1,0 +1,301 @@
+"""prune(): iterative structured channel pruning with fine-tuning, measured step by step.
+
+Each step removes channels from the backbone (never the head), fine-tunes on images with a fresh optimizer, then
+records the validation metrics, parameters, MACs, PyTorch and ONNX Runtime latency, an ONNX export (parity-checked)
+and a checkpoint that loads with `weights_only=True`. The result is the smallest step whose main metric stays within
+`pruning.max_drop` of the unpruned model, shipped as a bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+
+from headstart.bundle import describe_image_model, write_bundle
+from headstart.config import plain
+from headstart.errors import ConfigError
+from headstart.export import check_parity, export_onnx
+from headstart.loading import LoadedModel, model_datamodule
+from headstart.model import HeadstartModel
+from headstart.pruning.engine import count_macs_params, make_pruner, prune_step
+from headstart.pruning.importance import IMPORTANCES, needs_gradients
+from headstart.pruning.structure import pruned_structure
+from headstart.reattach import save_model
+from headstart.runs import write_json
+from headstart.runtime import OnnxRunner, TorchRunner, default_threads
+from headstart.shipping import golden_images, table_paths
+from headstart.speed import measure_speed, torch_threads
+from headstart.tables import markdown_table
+
+log = logging.getLogger(__name__)
+
+
+def check_pruning_config(cfg: DictConfig) -> None:
+    """ConfigError naming the first bad pruning setting, before any work."""
+    p = cfg.pruning
+    if not 0 < float(p.ratio) < 1:
+        raise ConfigError(f"pruning.ratio must be between 0 and 1 (exclusive), got {p.ratio}")
+    if int(p.steps) < 1:
+        raise ConfigError(f"pruning.steps must be at least 1, got {p.steps}")
+    if p.importance not in IMPORTANCES:
+        raise ConfigError(
+            f"pruning.importance={p.importance!r} is unknown; choose one of {', '.join(IMPORTANCES)}"
+        )
+    if p.mode not in ("min", "max"):
+        raise ConfigError(f"pruning.mode must be 'min' or 'max', got {p.mode!r}")
+    if float(p.max_drop) < 0 or int(p.finetune_epochs) < 0:
+        raise ConfigError("pruning.max_drop and pruning.finetune_epochs must not be negative")
+
+
+def load_prunable(source: str) -> HeadstartModel:
+    """The image model of a run directory (image_model.ckpt, else best.ckpt) or of a .ckpt file."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        ckpts = [path / "checkpoints" / n for n in ("image_model.ckpt", "best.ckpt")]
+        path = next((c for c in ckpts if c.is_file()), path / "checkpoints" / "best.ckpt")
+    if not path.is_file() or path.suffix != ".ckpt":
+        raise ConfigError(
+            f"model={source}: expected a run directory or a headstart .ckpt (ONNX files and bundles cannot be "
+            "fine-tuned, so they cannot be pruned)"
+        )
+    try:
+        model = HeadstartModel.from_checkpoint(path)
+    except Exception as e:
+        raise ConfigError(
+            f"{path} is not a headstart checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "prune a model trained with train.py"
+        ) from None
+    if model.backbone is None:
+        raise ConfigError(
+            f"{path} is a head trained on DoF features: prune the image model (checkpoints/image_model.ckpt)"
+        )
+    return model
+
+
+def prune(cfg: DictConfig) -> dict[str, Any]:
+    check_pruning_config(cfg)
+    out = Path(cfg.paths.output_dir)
+    model = load_prunable(cfg.model)
+    loaded = LoadedModel(
+        str(cfg.model),
+        "checkpoint",
+        TorchRunner(model),
+        model.flow,
+        model.input_transform,
+        model.run_config,
+        model,
+    )
+    datamodule = model_datamodule(cfg.get("data"), loaded, split="val")
+    metric = cfg.pruning.metric
+    L.seed_everything(cfg.seed, workers=True)
+
+    model.hparams.optimizer = plain(cfg.optimizer)
+    model.hparams.scheduler = plain(cfg.get("scheduler"))
+    model.backbone.freeze(len(model.backbone.stages))  # fine-tuning a pruned backbone: every stage trains
+    images = golden_images(table_paths(datamodule.table.frame, 4), model.input_transform)
+    threads = int(cfg.speed.threads or default_threads())
+    logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
+
+    rows = [measure_step(0, model, datamodule, cfg, out, images, threads)]
+    if metric not in rows[0]:
+        raise ConfigError(
+            f"pruning.metric={metric!r} is not measured; choose one of "
+            f"{', '.join(k for k in rows[0] if k.startswith('val/'))}"
+        )
+    log_step(logger, rows[0])
+    pruner = make_pruner(
+        model,
+        cfg.pruning.importance,
+        float(cfg.pruning.ratio),
+        int(cfg.pruning.steps),
+        round_to=cfg.pruning.round_to,
+        global_pruning=bool(cfg.pruning.global_pruning),
+    )
+    for step in range(1, int(cfg.pruning.steps) + 1):
+        batches = (
+            _gradient_batches(datamodule, int(cfg.pruning.gradient_batches))
+            if needs_gradients(cfg.pruning.importance)
+            else None
+        )
+        prune_step(pruner, model, gradient_batches=batches)
+        if int(cfg.pruning.finetune_epochs) > 0:
+            finetune(model, datamodule, cfg, out)
+        rows.append(measure_step(step, model, datamodule, cfg, out, images, threads))
+        log_step(logger, rows[-1])
+        log.info(
+            "step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}
+        )
+    logger.finalize("success")
+
+    table = pd.DataFrame(rows)
+    chosen = select_step(table, metric, cfg.pruning.mode, float(cfg.pruning.max_drop))
+    table["selected"] = table["step"] == chosen
+    write_tables(table, out)
+    plot(table, metric, out / "pruning.png")
+    final = HeadstartModel.from_checkpoint(out / "steps" / f"step_{chosen}.ckpt").eval()
+    write_bundle(
+        final, out / "bundle", images, final.run_config, _metrics(table, chosen), atol=cfg.export_atol
+    )
+    summary = {"selected_step": int(chosen), **{k: _plain(v) for k, v in table.iloc[chosen].items()}}
+    write_json(out / "selected.json", summary)
+    log.info(
+        "selected step %d (%s within %s of the unpruned model): bundle %s",
+        chosen,
+        metric,
+        cfg.pruning.max_drop,
+        out / "bundle",
+    )
+    return summary
+
+
+def finetune(model: HeadstartModel, datamodule: L.LightningDataModule, cfg: DictConfig, out: Path) -> None:
+    """Fine-tune on images with a fresh optimizer (Lightning's own loop; the model's configure_optimizers)."""
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        max_epochs=int(cfg.pruning.finetune_epochs),
+        min_epochs=None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(out),
+    )
+    trainer.fit(model, datamodule=datamodule)
+
+
+def measure_step(
+    step: int,
+    model: HeadstartModel,
+    datamodule: L.LightningDataModule,
+    cfg: DictConfig,
+    out: Path,
+    images: torch.Tensor,
+    threads: int,
+) -> dict[str, Any]:
+    """Validation metrics, size, speed in both runtimes; the step's checkpoint and parity-checked ONNX export."""
+    model.eval()
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    metrics = {
+        k: float(v) for k, v in trainer.validate(model, datamodule=datamodule, verbose=False)[0].items()
+    }
+    model.cpu().eval()
+    macs, params = count_macs_params(model)
+    model.hparams.structure = pruned_structure(model)
+    steps = out / "steps"
+    ckpt = save_model(model, steps / f"step_{step}.ckpt")
+    onnx = export_onnx(
+        model, steps / f"step_{step}.onnx", metadata=describe_image_model(model, model.run_config)
+    )
+    check_parity(onnx, model, images, atol=cfg.export_atol)
+
+    side = model.input_transform.crop
+
+    def make_batch(n: int) -> torch.Tensor:
+        return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(0))
+
+    opts = dict(
+        throughput_batch=int(cfg.speed.throughput_batch),
+        min_runs=int(cfg.speed.min_runs),
+        min_seconds=float(cfg.speed.min_seconds),
+    )
+    with torch_threads(threads):
+        eager = measure_speed(TorchRunner(model, threads), make_batch, **opts)
+        ort = measure_speed(OnnxRunner(onnx, model.flow.leaf_paths, threads), make_batch, **opts)
+    return {
+        "step": step,
+        "params": int(params),
+        "macs": int(macs),
+        "pytorch_b1_ms": eager["latency_p50_ms"],
+        "onnx_b1_ms": ort["latency_p50_ms"],
+        "onnx_b1_p90_ms": ort["latency_p90_ms"],
+        f"pytorch_b{opts['throughput_batch']}_img_s": eager["throughput_images_per_s"],
+        f"onnx_b{opts['throughput_batch']}_img_s": ort["throughput_images_per_s"],
+        **metrics,
+        "checkpoint": str(ckpt.relative_to(out)),
+        "onnx": str(onnx.relative_to(out)),
+        "threads": threads,
+    }
+
+
+def select_step(table: pd.DataFrame, metric: str, mode: str, max_drop: float) -> int:
+    """The step with the fewest MACs whose metric is within `max_drop` of step 0 (the unpruned model)."""
+    base = float(table.loc[table["step"] == 0, metric].iloc[0])
+    values = table[metric].astype(float)
+    ok = values >= base - max_drop if mode == "max" else values <= base + max_drop
+    return int(table[ok].sort_values(["macs", "step"]).iloc[0]["step"])
+
+
+def log_step(logger: TensorBoardLogger, row: dict[str, Any]) -> None:
+    logger.log_metrics(
+        {f"prune/{k}": float(v) for k, v in row.items() if isinstance(v, int | float) and k != "step"},
+        step=int(row["step"]),
+    )
+
+
+def write_tables(table: pd.DataFrame, out: Path) -> None:
+    table.to_csv(out / "pruning.csv", index=False)
+    shown = [
+        c for c in table.columns if c not in ("checkpoint", "onnx", "threads") and not c.endswith("/count")
+    ]
+    (out / "pruning.md").write_text(
+        "# Pruning steps\n\nStep 0 is the unpruned model; latencies at batch 1 (p50, ms), throughput in images/s, "
+        f"{int(table['threads'].iloc[0])} threads.\n\n" + markdown_table(table[shown]) + "\n"
+    )
+
+
+def plot(table: pd.DataFrame, metric: str, path: Path) -> None:
+    """The main metric against MACs and against ONNX Runtime batch-1 latency, one point per step."""
+    fig = Figure(figsize=(10, 4))
+    for ax, x, label in zip(
+        fig.subplots(1, 2),
+        ("macs", "onnx_b1_ms"),
+        ("MACs (millions)", "ONNX Runtime batch-1 latency (ms)"),
+        strict=True,
+    ):
+        xs = table[x] / 1e6 if x == "macs" else table[x]
+        ax.plot(xs, table[metric], marker="o")
+        for s, xv, yv, sel in zip(table["step"], xs, table[metric], table["selected"], strict=True):
+            ax.annotate(f"{s}{' *' if sel else ''}", (xv, yv), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle("pruning steps (* selected)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _gradient_batches(datamodule: L.LightningDataModule, count: int) -> list[dict]:
+    batches = []
+    for batch in datamodule.train_dataloader():
+        if batch is not None:
+            batches.append(batch)
+        if len(batches) >= count:
+            break
+    return batches
+
+
+def _metrics(table: pd.DataFrame, step: int) -> dict[str, float]:
+    row = table.loc[table["step"] == step].iloc[0]
+    return {k: float(v) for k, v in row.items() if isinstance(k, str) and k.startswith("val/")}
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
