@@ -55,8 +55,11 @@ def data_flow(datamodule: L.LightningDataModule) -> dict:
     return {"tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}}
 
 
-def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> HeadstartModel:
-    """The LightningModule for the data's tasks; every argument plain data. On features it has no backbone."""
+def build_model(
+    cfg: DictConfig, datamodule: L.LightningDataModule, structure: dict | None = None
+) -> HeadstartModel:
+    """The LightningModule for the data's tasks; every argument plain data. On features it has no backbone.
+    `structure`: the pruned shapes of the backbone (from a prune.py checkpoint being continued)."""
     flow = data_flow(datamodule)
     class_weights = None
     if cfg.data.get("balance", "none") == "weights":
@@ -73,6 +76,7 @@ def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> Headstart
         class_weights=class_weights,
         label_smoothing=cfg.model.label_smoothing,
         loss_weighting=cfg.model.loss_weighting,
+        structure=structure,
     )
 
 
@@ -95,7 +99,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
-    model = build_model(cfg, datamodule)
+    model = build_model(cfg, datamodule, structure=checkpoint_structure(ckpt_path))
     model.run_config = {k: v for k, v in plain(cfg).items() if k != "hydra"}
     callbacks = build_callbacks(cfg)
     on_features = isinstance(datamodule, FeatureDataModule)
@@ -134,6 +138,14 @@ def train(cfg: DictConfig) -> float | None:
         if best:
             ship_run(cfg, datamodule, best, run_dir, metrics)
     return metrics.get(cfg.monitor.metric)
+
+
+def checkpoint_structure(ckpt_path: str | None) -> dict | None:
+    """The pruned backbone shapes a checkpoint records (prune.py's steps), so that training can continue from it."""
+    if not ckpt_path:
+        return None
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    return hparams.get("structure")
 
 
 def _tune_thresholds(model: HeadstartModel, datamodule: L.LightningDataModule, best: str) -> None:

@@ -39,6 +39,12 @@ from headstart.tables import markdown_table
 log = logging.getLogger(__name__)
 
 
+def quiet_lightning() -> None:
+    """One Trainer per step: keep Lightning's per-trainer banners (accelerator, tips) out of the log."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def check_pruning_config(cfg: DictConfig) -> None:
     """ConfigError naming the first bad pruning setting, before any work."""
     p = cfg.pruning
@@ -105,6 +111,7 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     threads = int(cfg.speed.threads or default_threads())
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
 
+    quiet_lightning()
     rows = [measure_step(0, model, datamodule, cfg, out, images, threads)]
     if metric not in rows[0]:
         raise ConfigError(
@@ -121,19 +128,15 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
         global_pruning=bool(cfg.pruning.global_pruning),
     )
     for step in range(1, int(cfg.pruning.steps) + 1):
-        batches = (
-            _gradient_batches(datamodule, int(cfg.pruning.gradient_batches))
-            if needs_gradients(cfg.pruning.importance)
-            else None
-        )
+        batches = None
+        if needs_gradients(cfg.pruning.importance):
+            batches = _gradient_batches(datamodule, int(cfg.pruning.gradient_batches))
         prune_step(pruner, model, gradient_batches=batches)
-        if int(cfg.pruning.finetune_epochs) > 0:
-            finetune(model, datamodule, cfg, out)
-        rows.append(measure_step(step, model, datamodule, cfg, out, images, threads))
+        model.hparams.structure = pruned_structure(model)
+        trainer = finetune(model, datamodule, cfg, out) if int(cfg.pruning.finetune_epochs) > 0 else None
+        rows.append(measure_step(step, model, datamodule, cfg, out, images, threads, trainer))
         log_step(logger, rows[-1])
-        log.info(
-            "step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}
-        )
+        log.info("step %d: %s", step, _brief(rows[-1], metric))
     logger.finalize("success")
 
     table = pd.DataFrame(rows)
@@ -157,7 +160,9 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def finetune(model: HeadstartModel, datamodule: L.LightningDataModule, cfg: DictConfig, out: Path) -> None:
+def finetune(
+    model: HeadstartModel, datamodule: L.LightningDataModule, cfg: DictConfig, out: Path
+) -> L.Trainer:
     """Fine-tune on images with a fresh optimizer (Lightning's own loop; the model's configure_optimizers)."""
     trainer: L.Trainer = instantiate(
         cfg.trainer,
@@ -172,6 +177,7 @@ def finetune(model: HeadstartModel, datamodule: L.LightningDataModule, cfg: Dict
         default_root_dir=str(out),
     )
     trainer.fit(model, datamodule=datamodule)
+    return trainer
 
 
 def measure_step(
@@ -182,8 +188,21 @@ def measure_step(
     out: Path,
     images: torch.Tensor,
     threads: int,
+    trainer: L.Trainer | None = None,
 ) -> dict[str, Any]:
-    """Validation metrics, size, speed in both runtimes; the step's checkpoint and parity-checked ONNX export."""
+    """Validation metrics, size, speed in both runtimes; the step's checkpoint and parity-checked ONNX export.
+
+    After fine-tuning the checkpoint is the fine-tuning trainer's own (optimizer state included: `train.py
+    ckpt_path=...` continues from it); it loads with `weights_only=True` and rebuilds the pruned shapes from its
+    hyperparameters."""
+    model.hparams.structure = pruned_structure(model)
+    steps = out / "steps"
+    ckpt = steps / f"step_{step}.ckpt"
+    if trainer is not None:
+        steps.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(ckpt)
+    else:
+        save_model(model, ckpt)
     model.eval()
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -198,9 +217,6 @@ def measure_step(
     }
     model.cpu().eval()
     macs, params = count_macs_params(model)
-    model.hparams.structure = pruned_structure(model)
-    steps = out / "steps"
-    ckpt = save_model(model, steps / f"step_{step}.ckpt")
     onnx = export_onnx(
         model, steps / f"step_{step}.onnx", metadata=describe_image_model(model, model.run_config)
     )
@@ -295,6 +311,13 @@ def _gradient_batches(datamodule: L.LightningDataModule, count: int) -> list[dic
 def _metrics(table: pd.DataFrame, step: int) -> dict[str, float]:
     row = table.loc[table["step"] == step].iloc[0]
     return {k: float(v) for k, v in row.items() if isinstance(k, str) and k.startswith("val/")}
+
+
+def _brief(row: dict[str, Any], metric: str) -> str:
+    return (
+        f"{metric} {row[metric]:.4f}, params {row['params']:,}, MACs {row['macs']:,}, "
+        f"ONNX Runtime batch-1 {row['onnx_b1_ms']:.2f} ms, PyTorch batch-1 {row['pytorch_b1_ms']:.2f} ms"
+    )
 
 
 def _plain(v: Any) -> Any:
