@@ -176,6 +176,7 @@ def finetune(
         limit_val_batches=0,
         default_root_dir=str(out),
     )
+    model.train()  # measuring left it in eval mode; Lightning keeps the mode it finds
     trainer.fit(model, datamodule=datamodule)
     return trainer
 
