@@ -104,7 +104,9 @@ def test_evaluate_and_continue_training_a_pruned_model(pruned, tmp_path):
     resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     stored = torch.load(pruned / "steps" / "step_2.ckpt", weights_only=True)
     assert resumed["hyper_parameters"]["structure"] == stored["hyper_parameters"]["structure"]
-    assert resumed["global_step"] == 2 * stored["global_step"] > 0  # one more epoch after the step's fine-tuning
+    assert (
+        resumed["global_step"] == 2 * stored["global_step"] > 0
+    )  # one more epoch after the step's fine-tuning
 
 
 def _compose_eval(overrides: list[str], out: Path):
