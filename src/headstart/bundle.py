@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from headstart.errors import BundleError
-from headstart.export import DEFAULT_ATOL, check_parity, export_head_onnx, export_onnx
+from headstart.export import DEFAULT_ATOL, check_parity, compare_outputs, export_head_onnx, export_onnx
 from headstart.model import HeadstartModel
-from headstart.runtime import FEATURES_NAME, logits_name
+from headstart.runtime import FEATURES_NAME, HeadRunner, logits_name
 
 FORMAT = "headstart-bundle"
 VERSION = "1.0"
@@ -205,11 +205,7 @@ def write_head_update(
         device = next(model.head.parameters()).device
         with torch.inference_mode():
             logits = model.head(golden_features.float().to(device))
-        from headstart.runtime import HeadRunner
-
         got = HeadRunner(graph, model.flow.leaf_paths, threads=1)(golden_features.float().numpy())
-        from headstart.export import compare_outputs
-
         expected = {p: v.float().cpu() for p, v in logits.items()}
         compare_outputs(expected, got, model.flow, atol, what=HEAD_GRAPH)
         tensors = {FEATURES_NAME: golden_features.float().cpu().contiguous()}

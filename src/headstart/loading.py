@@ -99,22 +99,37 @@ def _onnx(path: Path, threads: int | None, torch_model: HeadstartModel | None) -
     return LoadedModel(str(path), "onnx", runner, flow, transform, desc.get("config"), torch_model)
 
 
-def _checkpoint(
-    path: Path, runtime: str, threads: int | None, work_dir: Path | None, onnx: Path | None
-) -> LoadedModel:
+def open_image_checkpoint(path: Path) -> HeadstartModel:
+    """A headstart image model (backbone + head) from a .ckpt; ConfigError for any other file or a DoF head."""
     try:
         model = HeadstartModel.from_checkpoint(path)
     except HeadstartError:
         raise
     except Exception as e:
         raise ConfigError(
-            f"{path} is not a headstart checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            f"{path} is not a headstart checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "use a model trained with train.py"
         ) from None
     if model.backbone is None:
         raise ConfigError(
-            f"{path} is a head trained on DoF features (no backbone), so it cannot read images. Evaluate the "
-            "image model of that run: checkpoints/image_model.ckpt, model.onnx or bundle/"
+            f"{path} is a head trained on DoF features (no backbone), so it cannot read images. Use the "
+            "image model of that run: checkpoints/image_model.ckpt (or its model.onnx or bundle/)"
         )
+    return model
+
+
+def run_checkpoint(run_dir: Path) -> Path | None:
+    """The image model checkpoint of a run directory: image_model.ckpt (DoF runs), else best.ckpt."""
+    checkpoints = run_dir / "checkpoints"
+    return next(
+        (c for c in (checkpoints / "image_model.ckpt", checkpoints / "best.ckpt") if c.is_file()), None
+    )
+
+
+def _checkpoint(
+    path: Path, runtime: str, threads: int | None, work_dir: Path | None, onnx: Path | None
+) -> LoadedModel:
+    model = open_image_checkpoint(path)
     model.eval()
     if runtime == "pytorch":
         return LoadedModel(

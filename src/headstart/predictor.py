@@ -29,7 +29,7 @@ from headstart.bundle import (
     verify_bundle,
 )
 from headstart.data.images import load_rgb
-from headstart.errors import BundleError, DataError
+from headstart.errors import BundleError, DataError, ExportError
 from headstart.export import compare_outputs
 from headstart.flow import TaskFlow
 from headstart.runtime import FEATURES_NAME, HeadRunner, OnnxRunner, logits_name
@@ -244,8 +244,6 @@ def _check_golden(folder: Path, desc: dict, run, source) -> None:
     flow.load_state({"thresholds": desc.get("thresholds") or {}})
     expected = {p: golden[logits_name(p)] for p in desc["tasks"]}
     got = run(golden)
-    from headstart.errors import ExportError
-
     try:
         compare_outputs(expected, got, flow, float(desc["golden"]["atol"]), what=f"bundle {source}")
     except ExportError as e:

@@ -24,7 +24,7 @@ from headstart.bundle import describe_image_model, write_bundle
 from headstart.config import plain
 from headstart.errors import ConfigError
 from headstart.export import check_parity, export_onnx
-from headstart.loading import LoadedModel, model_datamodule
+from headstart.loading import LoadedModel, model_datamodule, open_image_checkpoint, run_checkpoint
 from headstart.model import HeadstartModel
 from headstart.pruning.engine import count_macs_params, make_pruner, prune_step
 from headstart.pruning.importance import IMPORTANCES, needs_gradients
@@ -66,25 +66,13 @@ def load_prunable(source: str) -> HeadstartModel:
     """The image model of a run directory (image_model.ckpt, else best.ckpt) or of a .ckpt file."""
     path = Path(source).expanduser()
     if path.is_dir():
-        ckpts = [path / "checkpoints" / n for n in ("image_model.ckpt", "best.ckpt")]
-        path = next((c for c in ckpts if c.is_file()), path / "checkpoints" / "best.ckpt")
+        path = run_checkpoint(path) or path / "checkpoints" / "best.ckpt"
     if not path.is_file() or path.suffix != ".ckpt":
         raise ConfigError(
             f"model={source}: expected a run directory or a headstart .ckpt (ONNX files and bundles cannot be "
             "fine-tuned, so they cannot be pruned)"
         )
-    try:
-        model = HeadstartModel.from_checkpoint(path)
-    except Exception as e:
-        raise ConfigError(
-            f"{path} is not a headstart checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "prune a model trained with train.py"
-        ) from None
-    if model.backbone is None:
-        raise ConfigError(
-            f"{path} is a head trained on DoF features: prune the image model (checkpoints/image_model.ckpt)"
-        )
-    return model
+    return open_image_checkpoint(path)
 
 
 def prune(cfg: DictConfig) -> dict[str, Any]:
