@@ -279,7 +279,8 @@ def test_real_backbones_prune_one_step_and_reload(name, tmp_path):
     model = tiny_model(backbone=name)
     head = head_state(model)
     macs, params = count_macs_params(model, input_size=side)
-    pruner = make_pruner(model, "magnitude", ratio=0.3, steps=1, input_size=side)
+    # residual streams too: the hardest couplings of each architecture
+    pruner = make_pruner(model, "magnitude", ratio=0.3, steps=1, input_size=side, residual_streams=True)
     prune_step(pruner, model)
     new_macs, new_params = count_macs_params(model, input_size=side)
     assert new_macs < 0.8 * macs and new_params < params
@@ -316,3 +317,66 @@ def test_rounding_keeps_the_nearest_multiple_so_small_layers_are_not_halved():
     assert _round_kept_to_nearest(None, 5, 16, 8) == 8  # keep 11 -> keep 8
     assert _round_kept_to_nearest(None, 6, 96, 8) == 8  # keep 90 -> keep 88
     assert _round_kept_to_nearest(None, 15, 16, 8) == 8  # never below one multiple
+
+
+@pytest.mark.parametrize("residual_streams", [False, True])
+def test_residual_streams_are_kept_unless_asked_for(residual_streams):
+    model = tiny_model(backbone="resnet18")
+    prune_step(
+        make_pruner(model, "magnitude", ratio=0.5, steps=1, input_size=64, residual_streams=residual_streams),
+        model,
+    )
+    body = model.backbone.body
+    inner = [body.layer1[0].conv1, body.layer2[1].conv1, body.layer4[0].conv1]
+    stream = [body.conv1, body.layer1[0].conv2, body.layer2[0].downsample[0], body.layer3[1].conv2]
+    assert [c.out_channels for c in inner] == [32, 64, 256]  # inside blocks: always halved
+    expected = [32, 32, 64, 128] if residual_streams else [64, 64, 128, 256]
+    assert [c.out_channels for c in stream] == expected
+    assert body.layer4[1].conv2.out_channels == 512  # the feature producers never change
+
+
+def test_feature_distillation_adds_the_feature_error_and_is_never_saved():
+    model = tiny_model()
+    model.backbone.freeze(len(model.backbone.stages))
+    model.eval()  # fixed BatchNorm statistics, as in the teacher
+    keys = set(model.state_dict())
+    b = batch()
+    plain = model._step(b, "train").item()
+    teacher = copy.deepcopy(model.backbone).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.1)
+        gap = nn.functional.mse_loss(model.backbone(b["inputs"]), teacher(b["inputs"])).item()
+    assert gap > 1e-4
+    model.distill_features(teacher, weight=2.0)
+    assert set(model.state_dict()) == keys
+    assert model._step(b, "train").item() == pytest.approx(plain + 2.0 * gap, rel=1e-5)
+    assert model._step(b, "val").item() == pytest.approx(plain, rel=1e-6)  # validation measures the task only
+    model.distill_features(None)
+    assert model._step(b, "train").item() == pytest.approx(plain, rel=1e-6)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_batchnorm_statistics_stay_put_when_frozen_during_fine_tuning(freeze):
+    import lightning as L
+
+    from headstart.callbacks import FreezeBatchNormStats
+
+    model = tiny_model()
+    model.backbone.freeze(len(model.backbone.stages))
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    weights = [m.weight.detach().clone() for m in norms]
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[FreezeBatchNormStats()] if freeze else [],
+    )
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([batch()] * 2, batch_size=None))
+    moved = [not torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True)]
+    assert not any(moved) if freeze else all(moved)
+    assert all(not torch.equal(m.weight, w) for m, w in zip(norms, weights, strict=True))  # scales still learn

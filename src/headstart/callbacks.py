@@ -164,3 +164,17 @@ class WorstExamplesLogger(L.Callback):
             for writer in _tensorboards(trainer):
                 writer.add_figure(f"test/{path}/worst", fig, global_step=trainer.global_step)
         self._worst = {}
+
+
+class FreezeBatchNormStats(L.Callback):
+    """Keep every BatchNorm layer in eval mode while training: its affine parameters still learn, its running
+    statistics do not move. Fine-tuning a pretrained backbone whose head was trained on its features, on a few
+    hundred images, needs this: statistics re-estimated on the new data shift every feature and the head, trained on
+    the old ones, falls to chance (EfficientNet-Lite0 on dog_cat_small: val acc 0.99 -> 0.50 from that alone)."""
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
+        for m in pl_module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+                m.eval()

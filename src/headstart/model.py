@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from torch import nn
 
 from headstart.backbones import Backbone, build_backbone
 from headstart.errors import ConfigError
@@ -129,10 +130,20 @@ class HeadstartModel(L.LightningModule):
     def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(self.features(inputs))
 
+    def distill_features(self, teacher: nn.Module | None, weight: float = 1.0) -> None:
+        """While training, add `weight` x the mean squared error between this model's features and `teacher(inputs)`
+        to the loss (None: stop). Pruning uses it to keep a pruned backbone's features where the head expects them.
+        The teacher is neither trained nor saved with this model."""
+        if teacher is not None:
+            teacher = teacher.eval().requires_grad_(False)
+        # Set past nn.Module's registration, so the teacher stays out of state_dict, parameters() and checkpoints.
+        self.__dict__["_teacher"] = None if teacher is None else (teacher, float(weight))
+
     def _step(self, batch: dict | None, stage: str) -> torch.Tensor | None:
         if batch is None:  # every image of the batch was unreadable (and skipped with a warning)
             return None
-        logits = self(batch["inputs"])
+        features = self.features(batch["inputs"])
+        logits = self.head(features)
         total, per_task = self.flow.loss(
             logits,
             batch["targets"],
@@ -140,6 +151,12 @@ class HeadstartModel(L.LightningModule):
             label_smoothing=self.hparams.label_smoothing,
             weighting=self.weighting,
         )
+        teacher = self.__dict__.get("_teacher")
+        if teacher is not None and stage == "train":
+            net, weight = teacher
+            with torch.no_grad():
+                target = net.to(features.device)(batch["inputs"])
+            total = total + weight * nn.functional.mse_loss(features, target)
         losses = {"loss": total}
         if len(per_task) > 1:
             losses.update({f"{path}/loss": loss for path, loss in per_task.items()})

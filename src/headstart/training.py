@@ -112,7 +112,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.train:
         if ckpt_path:
             log.info("resuming from %s", ckpt_path)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     best = _best_checkpoint(trainer)
     if cfg.train and best and trainer.is_global_zero:
@@ -121,9 +121,17 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.test:
         if cfg.train or ckpt_path:
             metrics.update(
-                _scalars(trainer.validate(model, datamodule=datamodule, ckpt_path=best or ckpt_path))
+                _scalars(
+                    trainer.validate(
+                        model, datamodule=datamodule, ckpt_path=best or ckpt_path, weights_only=True
+                    )
+                )
             )
-        metrics.update(_scalars(trainer.test(model, datamodule=datamodule, ckpt_path=best or ckpt_path)))
+        metrics.update(
+            _scalars(
+                trainer.test(model, datamodule=datamodule, ckpt_path=best or ckpt_path, weights_only=True)
+            )
+        )
     if on_features and trainer.is_global_zero and not trainer.fast_dev_run:
         metrics.update(_dof_benefit(datamodule, timer, loggers))
         _reattach(cfg, datamodule, best, run_dir)

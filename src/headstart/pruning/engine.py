@@ -176,6 +176,37 @@ def _feature_producers(dg: Any, model: HeadstartModel) -> list[nn.Module]:
     return producers
 
 
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+def _shared_stream_producers(dg: Any, model: HeadstartModel) -> list[nn.Module]:
+    """Backbone layers whose output channels other layers also write to: residual streams (every block adding into
+    them) and concatenations. Removing one such channel removes it from every block of the stream at once; on a
+    pretrained EfficientNet-Lite0, pruning a quarter of a stage's stream moved its features far more than pruning a
+    quarter of any block's expansion channels (feature cosine 0.54 against 0.94, with taylor importance)."""
+    body = model.backbone.body
+    shared: list[nn.Module] = []
+    for layer in body.modules():
+        if not isinstance(layer, nn.Conv2d | nn.Linear) or _is_depthwise(layer) or layer in shared:
+            continue
+        if layer not in dg.module2node:
+            continue
+        fn = dg.get_pruner_of_module(layer).prune_out_channels
+        width = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+        group = dg.get_pruning_group(layer, fn, list(range(width)))
+        producers = {
+            dep.target.module
+            for dep, _ in group
+            if isinstance(dep.target.module, nn.Conv2d | nn.Linear)
+            and not _is_depthwise(dep.target.module)
+            and dg.is_out_channel_pruning_fn(dep.handler)
+        }
+        if len(producers) > 1:
+            shared.extend(m for m in producers if m not in shared)
+    return shared
+
+
 def _build(model: HeadstartModel, build: Any) -> Any:
     """Run `build(graph)` (which traces the model) under `_prunable`, turning failures into one PruningError."""
     graph = _ImageGraph(model)
@@ -226,11 +257,14 @@ def make_pruner(
     round_to: int | None = 8,
     global_pruning: bool = False,
     input_size: int | None = None,
+    residual_streams: bool = False,
 ) -> Any:
     """A torch-pruning BasePruner over `model`'s backbone that removes `ratio` of the prunable channels in `steps`
     equal iterative steps (each `prune_step` call does one), ranking channels by `importance` (see
     headstart.pruning.importance). Channel counts are rounded to multiples of `round_to` (None: no rounding).
     The head and the feature size are protected (see `protected_layers`). `input_size` defaults to the model's crop.
+    `residual_streams=False` (the default) also keeps every channel that several layers write to (residual additions,
+    concatenations): then only channels inside blocks (expansions, bottleneck middles) are removed.
 
     The pruner also carries what `prune_step` needs: `headstart_importance`, `headstart_example` (the example input),
     `headstart_head` (the head's shapes, checked after every step).
@@ -262,6 +296,8 @@ def make_pruner(
         )
         producers = _feature_producers(pruner.DG, model)
         pruner.ignored_layers.extend(m for p in producers for m in p.modules())
+        if not residual_streams:
+            pruner.ignored_layers.extend(_shared_stream_producers(pruner.DG, model))
         if round_to:
             pruner._round_to = types.MethodType(_round_kept_to_nearest, pruner)
         return pruner, producers

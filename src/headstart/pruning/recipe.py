@@ -8,6 +8,7 @@ and a checkpoint that loads with `weights_only=True`. The result is the smallest
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
 from headstart.bundle import describe_image_model, write_bundle
+from headstart.callbacks import FreezeBatchNormStats
 from headstart.config import plain
 from headstart.errors import ConfigError
 from headstart.export import check_parity, export_onnx
@@ -58,8 +60,10 @@ def check_pruning_config(cfg: DictConfig) -> None:
         )
     if p.mode not in ("min", "max"):
         raise ConfigError(f"pruning.mode must be 'min' or 'max', got {p.mode!r}")
-    if float(p.max_drop) < 0 or int(p.finetune_epochs) < 0:
-        raise ConfigError("pruning.max_drop and pruning.finetune_epochs must not be negative")
+    if float(p.max_drop) < 0 or int(p.finetune_epochs) < 0 or float(p.distill) < 0:
+        raise ConfigError(
+            "pruning.max_drop, pruning.finetune_epochs and pruning.distill must not be negative"
+        )
 
 
 def load_prunable(source: str) -> HeadstartModel:
@@ -95,6 +99,8 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     model.hparams.optimizer = plain(cfg.optimizer)
     model.hparams.scheduler = plain(cfg.get("scheduler"))
     model.backbone.freeze(len(model.backbone.stages))  # fine-tuning a pruned backbone: every stage trains
+    if float(cfg.pruning.distill) > 0:
+        model.distill_features(copy.deepcopy(model.backbone), float(cfg.pruning.distill))
     images = golden_images(table_paths(datamodule.table.frame, 4), model.input_transform)
     threads = int(cfg.speed.threads or default_threads())
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
@@ -114,6 +120,7 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
         int(cfg.pruning.steps),
         round_to=cfg.pruning.round_to,
         global_pruning=bool(cfg.pruning.global_pruning),
+        residual_streams=bool(cfg.pruning.residual_streams),
     )
     for step in range(1, int(cfg.pruning.steps) + 1):
         batches = None
@@ -126,6 +133,7 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
         log_step(logger, rows[-1])
         log.info("step %d: %s", step, _brief(rows[-1], metric))
     logger.finalize("success")
+    model.distill_features(None)
 
     table = pd.DataFrame(rows)
     chosen = select_step(table, metric, cfg.pruning.mode, float(cfg.pruning.max_drop))
@@ -163,6 +171,7 @@ def finetune(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=str(out),
+        callbacks=[FreezeBatchNormStats()] if cfg.pruning.freeze_bn_stats else [],
     )
     model.train()  # measuring left it in eval mode; Lightning keeps the mode it finds
     trainer.fit(model, datamodule=datamodule)
@@ -189,7 +198,7 @@ def measure_step(
     ckpt = steps / f"step_{step}.ckpt"
     if trainer is not None:
         steps.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(ckpt)
+        trainer.save_checkpoint(ckpt, weights_only=False)  # full state: train.py ckpt_path=... resumes from it
     else:
         save_model(model, ckpt)
     model.eval()
