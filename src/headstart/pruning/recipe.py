@@ -198,7 +198,8 @@ def measure_step(
     ckpt = steps / f"step_{step}.ckpt"
     if trainer is not None:
         steps.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(ckpt, weights_only=False)  # full state: train.py ckpt_path=... resumes from it
+        # the full state (optimizer included): train.py ckpt_path=... resumes from it
+        trainer.save_checkpoint(ckpt, weights_only=False)
     else:
         save_model(model, ckpt)
     model.eval()
