@@ -379,4 +379,5 @@ def test_batchnorm_statistics_stay_put_when_frozen_during_fine_tuning(freeze):
     trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([batch()] * 2, batch_size=None))
     moved = [not torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True)]
     assert not any(moved) if freeze else all(moved)
-    assert all(not torch.equal(m.weight, w) for m, w in zip(norms, weights, strict=True))  # scales still learn
+    # the scales still learn
+    assert all(not torch.equal(m.weight, w) for m, w in zip(norms, weights, strict=True))
