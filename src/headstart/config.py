@@ -66,6 +66,9 @@ class ExtractSchema:
     progress: bool = True
     train_batch_size: int = 1024
     memory_budget: int = 2 * 1024**3
+    rank: int = 0  # distributed extraction (extract.py): this process, 0..world_size-1
+    world_size: int = 1
+    merge: bool = False
 
 
 @dataclass

@@ -9,6 +9,7 @@ resumes from its finished shards.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -29,6 +30,13 @@ from headstart.backbones import Backbone, backbone_transform, build_backbone
 from headstart.config import plain, validate_train_config
 from headstart.data import ImageDataModule, collate_skip_none
 from headstart.dof import DofError, DofWriter, fingerprint, open_dof
+from headstart.dof.parts import (
+    PARTS_DIR,
+    DofPartWriter,
+    finished_parts,
+    merge_parts,
+    try_lock_merge,
+)
 from headstart.errors import ConfigError, DataError
 from headstart.transforms import eval_transform, train_transform
 
@@ -78,6 +86,39 @@ class _SeededView(Dataset):
         return self.dataset[i]
 
 
+def plan_shards(
+    datamodule: ImageDataModule, views: int, shard_size: int
+) -> list[tuple[str, int, np.ndarray, int]]:
+    """Every shard of the set, in order: (split, view, positions in the split's dataset, shard number k).
+
+    The plan depends only on the sample table, `views` and `shard_size`, so every rank of a distributed extraction
+    computes the same plan and the same shards as one process would."""
+    jobs = []
+    for split in ("train", "val", "test"):
+        rows = datamodule.table.rows(split)
+        if len(rows) == 0:
+            continue
+        k = 0
+        for view in range(views if split == "train" else 1):
+            for start in range(0, len(rows), shard_size):
+                jobs.append((split, view, np.arange(start, min(start + shard_size, len(rows))), k))
+                k += 1
+    return jobs
+
+
+def _device(device: str | torch.device | None, rank: int, world_size: int) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if (
+        world_size > 1 and torch.cuda.device_count() > 1
+    ):  # one GPU per rank on a multi-GPU node (torchrun, srun)
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", rank)))
+        return torch.device(f"cuda:{local % torch.cuda.device_count()}")
+    return torch.device("cuda")
+
+
 def extract_dof(
     datamodule: ImageDataModule,
     backbone: Backbone,
@@ -93,10 +134,17 @@ def extract_dof(
     config: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Path:
     """Write a DoF set of `datamodule`'s splits through `backbone` into `root` (which names its fingerprint).
 
     Resumable: shards already finished under `root` are kept. Returns `root`; a complete set is left untouched.
+
+    With `world_size` > 1 this process is rank `rank` of independent processes: it writes every `world_size`-th
+    shard of the plan into its own part (see `headstart.dof.parts`), and the last rank to finish merges the parts
+    into the set (else `merge_dof` does). Shards, batches and seeds are those of a single-process extraction, so
+    the merged set holds the same bytes.
     """
     root = Path(root)
     if (root / "manifest.json").is_file():
@@ -105,29 +153,34 @@ def extract_dof(
         raise ValueError("views must be >= 1")
     if dtype not in ("float16", "float32"):
         raise ValueError("dtype must be float16 or float32")
+    check_rank(rank, world_size)
     datamodule.setup("fit")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device, rank, world_size)
     backbone = backbone.to(device).eval()
-    writer = DofWriter(root, meta or {})
+    jobs = plan_shards(datamodule, views, shard_size)
+    if world_size > 1:
+        writer: DofWriter = DofPartWriter(
+            root, meta or {}, rank, world_size, _part_plan(shard_size, batch_size)
+        )
+        jobs = jobs[rank::world_size]
+        if not jobs:
+            log.warning(
+                "rank %d of %d has no shard to extract (the set has fewer shards than ranks)",
+                rank,
+                world_size,
+            )
+    else:
+        writer = DofWriter(root, meta or {})
     done = writer.completed_shards()
     table = datamodule.table
     eval_tf = eval_transform(backbone.transform)
     train_tf = train_transform(backbone.transform, datamodule.augment)
 
-    jobs = []  # (split, view, positions in the split's dataset, shard number)
-    for split in ("train", "val", "test"):
-        rows = table.rows(split)
-        if len(rows) == 0:
-            continue
-        k = 0
-        for view in range(views if split == "train" else 1):
-            for start in range(0, len(rows), shard_size):
-                jobs.append((split, view, np.arange(start, min(start + shard_size, len(rows))), k))
-                k += 1
     todo = [j for j in jobs if (j[0], j[3]) not in done]
     total_images = sum(len(j[2]) for j in todo)
+    where = root if world_size == 1 else f"{root} (rank {rank} of {world_size})"
     log.info(
-        "extracting %d images (%d shards, %d already done) into %s", total_images, len(todo), len(done), root
+        "extracting %d images (%d shards, %d already done) into %s", total_images, len(todo), len(done), where
     )
 
     seconds, images = 0.0, 0
@@ -171,15 +224,53 @@ def extract_dof(
         writer.write_shard(split, k, arrays)
     bar.close()
 
+    stats = _stats(table, backbone.feature_dim, dtype, views, images, seconds, device, num_workers, config)
+    if world_size == 1:
+        writer.finalize(stats)
+        return root
+    assert isinstance(writer, DofPartWriter)
+    spec = (meta or {}).get("fingerprint_spec")
+    if todo or not (writer.root / "part.json").is_file():  # a finished part keeps the stats of its real run
+        writer.finish_part([(j[0], j[3]) for j in jobs], {**stats, "rank": rank, "fingerprint_spec": spec})
+    if len(finished_parts(root, world_size)) == world_size:  # the last rank to finish merges
+        if try_lock_merge(root):
+            log.info("rank %d finished last: merging the %d parts of %s", rank, world_size, root)
+            _merge_locked(
+                datamodule, root, meta or {}, world_size, views, shard_size, batch_size, config, rank
+            )
+        else:
+            log.info("rank %d finished; another rank is merging %s", rank, root)
+    else:
+        waiting = sorted(set(range(world_size)) - set(finished_parts(root, world_size)))
+        log.info(
+            "rank %d of %d finished; waiting for rank(s) %s: the last rank merges the set (or run extract.py with "
+            "the same overrides and extract.merge=true once all ranks are done)",
+            rank,
+            world_size,
+            waiting,
+        )
+    return root
+
+
+def _stats(
+    table: Any,
+    feature_dim: int,
+    dtype: str,
+    views: int,
+    images: int,
+    seconds: float,
+    device: torch.device | str,
+    num_workers: int,
+    config: dict[str, Any] | None,
+) -> dict[str, Any]:
     image_bytes = [os.path.getsize(p) for p in table.frame["path"]]
-    feature_bytes = backbone.feature_dim * np.dtype(dtype).itemsize
     stats = {
         "images_this_run": images,
         "seconds_this_run": round(seconds, 3),
         "images_per_second": round(images / seconds, 2) if seconds else None,
         "image_count": len(table.frame),
         "image_bytes_mean": float(np.mean(image_bytes)) if image_bytes else 0.0,
-        "feature_bytes_per_sample": feature_bytes,
+        "feature_bytes_per_sample": feature_dim * np.dtype(dtype).itemsize,
         "views": views,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -190,7 +281,116 @@ def extract_dof(
     # HNCT: the backbone's cost of one epoch over the images, decoding included (one view of every sample).
     if images and seconds:
         stats["hnct_seconds_per_epoch"] = round(seconds / images * len(table.frame), 4)
-    writer.finalize(stats)
+    return stats
+
+
+# --- distributed extraction: independent ranks, each writing a part; one merge ----------------------------------
+
+
+def check_rank(rank: Any, world_size: Any) -> None:
+    """A ConfigError naming the fix when `rank`/`world_size` are not a valid rank of a world."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(
+            f"extract.world_size={world_size!r} is invalid: give the number of extraction processes (an integer "
+            ">= 1; 1 extracts in this process alone)"
+        )
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ConfigError(
+            f"extract.rank={rank!r} is out of range for extract.world_size={world_size}: ranks are "
+            f"0..{world_size - 1} (with a SLURM array, use --array=0-{world_size - 1} and "
+            "extract.rank=${oc.env:SLURM_ARRAY_TASK_ID})"
+        )
+
+
+def _part_plan(shard_size: int, batch_size: int) -> dict[str, int]:
+    """What every rank and the merge must agree on beyond the fingerprint (both shape the shards' bytes)."""
+    return {"shard_size": int(shard_size), "batch_size": int(batch_size)}
+
+
+def _merged_stats(parts: dict[int, dict[str, Any]], config: dict[str, Any] | None) -> dict[str, Any]:
+    ranks = [dict(parts[r].get("stats") or {}, rank=r) for r in sorted(parts)]
+    first = ranks[0]
+    images = sum(int(s.get("images_this_run") or 0) for s in ranks)
+    seconds = sum(float(s.get("seconds_this_run") or 0.0) for s in ranks)
+    wall = max(float(s.get("seconds_this_run") or 0.0) for s in ranks)
+    stats = {
+        "images_this_run": images,
+        "seconds_this_run": round(seconds, 3),  # summed over ranks: the compute, not the wall time
+        "images_per_second": round(images / seconds, 2) if seconds else None,
+        "images_per_second_all_ranks": round(images / wall, 2) if wall else None,
+        **{k: first.get(k) for k in ("image_count", "image_bytes_mean", "feature_bytes_per_sample", "views")},
+        "device": first.get("device"),
+        "torch_threads": first.get("torch_threads"),
+        "num_workers": first.get("num_workers"),
+        "machine": first.get("machine"),
+        "config": config,
+        "distributed": {
+            "world_size": len(ranks),
+            "ranks": [
+                {k: s.get(k) for k in ("rank", "images_this_run", "seconds_this_run", "device", "machine")}
+                for s in ranks
+            ],
+        },
+    }
+    if images and seconds:
+        stats["hnct_seconds_per_epoch"] = round(seconds / images * int(first.get("image_count") or 0), 4)
+    return stats
+
+
+def _rerun_hint(root: Path, world_size: int, missing: list[int], here: dict | None) -> str:
+    """How to finish the missing ranks; names a part found under another fingerprint (a rank run with another
+    config) and what differs from `here` (this config's fingerprint spec)."""
+    hints = []
+    for rank in missing:
+        for other in sorted(root.parent.glob(f"*/{PARTS_DIR}/rank-{rank}-of-{world_size}/part.json")):
+            if other.parents[2] == root:
+                continue
+            try:
+                spec = json.loads(other.read_text())["stats"]["fingerprint_spec"]
+            except (OSError, ValueError, KeyError, TypeError):
+                spec = None
+            diff = sorted(
+                k for k in set(spec or {}) | set(here or {}) if (spec or {}).get(k) != (here or {}).get(k)
+            )
+            hints.append(
+                f"rank {rank}'s part was found under {other.parents[2]}, a set made with another config"
+                + (f" (it differs in {diff})" if diff and here else "")
+            )
+    fix = (
+        f"run extract.py with exactly the same overrides plus extract.rank=R extract.world_size={world_size} for "
+        f"R in {missing}"
+    )
+    return "; ".join([*hints, fix]) if hints else fix
+
+
+def _merge_locked(
+    datamodule: ImageDataModule,
+    root: Path,
+    meta: dict[str, Any],
+    world_size: int,
+    views: int,
+    shard_size: int,
+    batch_size: int,
+    config: dict[str, Any] | None,
+    rank: int | None,
+) -> Path:
+    """Merge the parts of `root` while holding its merge lock (released on failure; deleted with the parts)."""
+    lock = root / PARTS_DIR / "merge.lock"
+    try:
+        expected = [(j[0], j[3]) for j in plan_shards(datamodule, views, shard_size)]
+        merge_parts(
+            root,
+            meta,
+            world_size,
+            _part_plan(shard_size, batch_size),
+            expected,
+            stats=lambda parts: _merged_stats(parts, config),
+            rerun_hint=lambda missing: _rerun_hint(root, world_size, missing, meta.get("fingerprint_spec")),
+        )
+    except BaseException:
+        lock.unlink(missing_ok=True)
+        raise
+    log.info("merged %d parts into %s", world_size, root)
     return root
 
 
@@ -239,9 +439,14 @@ def find_or_extract(
     dtype: str = "float16",
     augment_policy: Sequence[Any] | None = None,
     config: dict | None = None,
+    merge: bool = False,
     **kwargs: Any,
 ) -> tuple[Path, bool]:
-    """The set for this data and backbone: reused when complete, else extracted (or resumed). -> (path, reused)."""
+    """The set for this data and backbone: reused when complete, else extracted (or resumed). -> (path, reused).
+
+    With `world_size` > 1 in `kwargs` this process extracts only its rank's part (the set is complete when the
+    last rank has merged); `merge=True` extracts nothing and merges the finished parts of `world_size` ranks.
+    """
     datamodule.setup("fit")
     spec = dof_spec(backbone, datamodule, augment_policy, views, dtype)
     root = Path(dof_dir) / dataset / fingerprint(spec)
@@ -250,6 +455,22 @@ def find_or_extract(
         log.info("reusing DoF set %s", root)
         return root, True
     meta = manifest_meta(backbone, datamodule, spec)
+    if merge:
+        world_size = kwargs.get("world_size", 1)
+        if world_size < 2:
+            raise ConfigError(
+                "extract.merge=true merges the parts of a distributed extraction: give the same "
+                "extract.world_size=N (N > 1) and overrides the ranks ran with"
+            )
+        if (root / PARTS_DIR).is_dir() and not try_lock_merge(root):
+            lock = root / PARTS_DIR / "merge.lock"
+            raise DataError(
+                f"another process is merging {root} (lock {lock}): wait for it; if no merge is running (it was "
+                f"killed), delete {lock} and merge again"
+            )
+        args = (views, kwargs.get("shard_size", 4096), kwargs.get("batch_size", 64))
+        _merge_locked(datamodule, root, meta, world_size, *args, config, None)
+        return root, False
     extract_dof(datamodule, backbone, root, views=views, dtype=dtype, meta=meta, config=config, **kwargs)
     return root, False
 
@@ -272,19 +493,43 @@ def frozen_backbone(cfg: DictConfig) -> Backbone:
         return build_backbone(**{**plain(cfg.backbone), "freeze": True, "trainable_stages": 0})
 
 
-def dof_for_config(cfg: DictConfig) -> tuple[Path, bool]:
+def dof_for_config(cfg: DictConfig, distributed: bool = False) -> tuple[Path, bool]:
     """The DoF set for the configured data and backbone: (path, reused). Extracts (or resumes) when missing.
 
     With `extract.path` set, that set is used as given and must match the configured backbone and transform.
+    With `distributed`, `extract.rank`/`extract.world_size`/`extract.merge` apply (extract.py): then the path may
+    name a set that is not complete yet (this rank's part is written, other ranks are still running).
     """
     try:
-        return _dof_for_config(cfg)
+        return _dof_for_config(cfg, distributed)
     except DofError as e:
         raise DataError(str(e)) from None
 
 
-def _dof_for_config(cfg: DictConfig) -> tuple[Path, bool]:
+def _int(value: Any) -> Any:
+    """'3' (from ${oc.env:SLURM_ARRAY_TASK_ID} or ${oc.env:RANK}) -> 3; anything else as given."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def _distributed_args(cfg: DictConfig) -> dict[str, Any]:
     ex = cfg.extract
+    rank, world_size, merge = _int(ex.get("rank", 0)), _int(ex.get("world_size", 1)), ex.get("merge", False)
+    check_rank(0 if merge else rank, world_size)
+    if not isinstance(merge, bool):
+        raise ConfigError(f"extract.merge={merge!r} is invalid: use true (merge the ranks' parts) or false")
+    if ex.path and (world_size > 1 or merge):
+        raise ConfigError(
+            "extract.path names a finished set, so there is nothing to extract in parts: drop extract.path, or "
+            "drop extract.rank/extract.world_size/extract.merge"
+        )
+    return {"rank": rank, "world_size": world_size, "merge": merge}
+
+
+def _dof_for_config(cfg: DictConfig, distributed: bool = False) -> tuple[Path, bool]:
+    ex = cfg.extract
+    parts = _distributed_args(cfg) if distributed else {}
     if ex.path:
         path = Path(ex.path)
         check_set_matches(path, cfg)
@@ -304,6 +549,7 @@ def _dof_for_config(cfg: DictConfig) -> tuple[Path, bool]:
         num_workers=ex.num_workers,
         seed=cfg.seed,
         progress=ex.progress,
+        **parts,
     )
 
 
@@ -338,7 +584,9 @@ def check_set_matches(path: Path, cfg: DictConfig) -> None:
 def extract(cfg: DictConfig) -> Path:
     """extract.py: find, resume or write the DoF set of the configured data and backbone; verify it if asked."""
     validate_train_config(cfg)
-    path, reused = dof_for_config(cfg)
+    path, reused = dof_for_config(cfg, distributed=True)
+    if not (path / "manifest.json").is_file():  # a rank's part is done; the set is not merged yet
+        return path
     try:
         dof = open_dof(path, verify=bool(cfg.verify))
     except DofError as e:
