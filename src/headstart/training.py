@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +13,16 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader, DistributedSampler
 
 from headstart.backbones import backbone_transform
 from headstart.benefit import describe, dof_benefit
 from headstart.callbacks import EpochCostTimer
 from headstart.config import plain, validate_train_config
 from headstart.data.features import FeatureDataModule
+from headstart.errors import ConfigError
 from headstart.extraction import dof_for_config, frozen_backbone
 from headstart.model import HeadstartModel
 from headstart.reattach import attach_backbone, check_reattached, save_model
@@ -108,6 +113,8 @@ def train(cfg: DictConfig) -> float | None:
         callbacks.append(timer)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if _world_size(trainer) > 1:
+        _prepare_distributed(trainer, datamodule)
 
     if cfg.train:
         if ckpt_path:
@@ -115,8 +122,12 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     best = _best_checkpoint(trainer)
-    if cfg.train and best and trainer.is_global_zero:
-        _tune_thresholds(model, datamodule, best)
+    if cfg.train and best:
+        if trainer.is_global_zero:
+            _tune_thresholds(model, datamodule, best)
+        if _world_size(trainer) > 1:  # every rank evaluates with rank 0's thresholds
+            model.flow.load_state(trainer.strategy.broadcast(model.flow.state()))
+            model.hparams.flow = model.flow.to_spec()
     metrics: dict[str, float] = {}
     if cfg.test:
         if cfg.train or ckpt_path:
@@ -146,6 +157,87 @@ def train(cfg: DictConfig) -> float | None:
         if best:
             ship_run(cfg, datamodule, best, run_dir, metrics)
     return metrics.get(cfg.monitor.metric)
+
+
+def _world_size(trainer: L.Trainer) -> int:
+    return trainer.num_devices * trainer.num_nodes
+
+
+def _prepare_distributed(trainer: L.Trainer, datamodule: L.LightningDataModule) -> None:
+    """Several processes (trainer=ddp): check the launch can work, and make `trainer.validate` and `trainer.test`
+    see every sample exactly once across the ranks (Lightning's default DistributedSampler pads the last ranks with
+    repeated samples, which would bias metrics.json).
+
+    Training and the validation inside `fit` keep Lightning's padded sampler: there every rank must run the same
+    number of steps (gradient all-reduce)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        launcher = type(getattr(trainer.strategy, "launcher", None)).__name__
+        if launcher == "_SubprocessScriptLauncher":
+            raise ConfigError(
+                "trainer=ddp starts its processes by re-running the command line, which in a -m sweep would start "
+                "the sweep again in every process; run the sweep's jobs one by one, without -m"
+            )
+    for stage in ("val", "test"):
+        hook = getattr(datamodule, f"{stage}_dataloader", None)
+        if hook is not None:
+            setattr(datamodule, f"{stage}_dataloader", _evaluated_once(hook, trainer))
+    # FlowMetrics are torchmetrics synchronized across processes at compute(); the values they log are already
+    # the same on every rank, so Lightning's advice to log them with sync_dist=True (another reduction) is moot.
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+
+
+def _evaluated_once(hook: Any, trainer: L.Trainer) -> Any:
+    def loader() -> Any:
+        original = hook()
+        if trainer.state.fn not in (TrainerFn.VALIDATING, TrainerFn.TESTING):
+            return original
+        if not isinstance(original, DataLoader) or isinstance(original.sampler, DistributedSampler):
+            return original
+        kwargs = trainer.distributed_sampler_kwargs or {}
+        sampler = _EachOnce(original.sampler, kwargs.get("num_replicas", 1), kwargs.get("rank", 0))
+        return DataLoader(
+            original.dataset,
+            batch_size=original.batch_size,
+            sampler=sampler,
+            drop_last=original.drop_last,
+            collate_fn=original.collate_fn,
+            num_workers=original.num_workers,
+            pin_memory=original.pin_memory,
+            persistent_workers=original.persistent_workers,
+            worker_init_fn=original.worker_init_fn,
+            prefetch_factor=original.prefetch_factor,
+            timeout=original.timeout,
+        )
+
+    return loader
+
+
+class _EachOnce(DistributedSampler):
+    """Rank r of n takes items r, r + n, r + 2n, ... of an evaluation sampler: every sample once, none repeated.
+
+    A sampler that yields whole batches (arrays of rows, as on DoF features) is shared row by row and re-batched
+    at its batch size, so that every rank gets rows even when there are fewer batches than ranks. A DistributedSampler
+    (subclass) so that Lightning keeps it instead of putting its own in."""
+
+    def __init__(self, sampler: Any, num_replicas: int, rank: int) -> None:  # no super(): no dataset to shard
+        self.sampler, self.num_replicas, self.rank, self.epoch = sampler, num_replicas, rank, 0
+
+    def _items(self) -> list:
+        items = list(self.sampler)
+        if items and isinstance(items[0], np.ndarray | torch.Tensor | list):
+            size = len(items[0])
+            rows = np.concatenate([np.asarray(b) for b in items])[self.rank :: self.num_replicas]
+            return [rows[i : i + size] for i in range(0, len(rows), size)]
+        return items[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
 
 
 def checkpoint_structure(ckpt_path: str | None) -> dict | None:

@@ -18,6 +18,7 @@ Names (`compute()` keys), per task path, besides `<path>/count` (rows where it a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -42,15 +43,20 @@ from headstart.flow.tasks import Task
 
 
 def _scores(task: Task) -> MetricCollection:
+    """The task's scores, each with its own state. torchmetrics' compute groups would share one state among metrics
+    whose states happened to be equal after their first update (top-1 F1 and top-k accuracy can be), and then report
+    the wrong value for the rest of training; across processes a rank may even share where another does not."""
+    return MetricCollection(_score_metrics(task), compute_groups=False)
+
+
+def _score_metrics(task: Task) -> dict:
     if task.kind == "binary":
-        return MetricCollection(
-            {
-                "acc": BinaryAccuracy(),
-                "precision": BinaryPrecision(),
-                "recall": BinaryRecall(),
-                "f1": BinaryF1Score(),
-            }
-        )
+        return {
+            "acc": BinaryAccuracy(),
+            "precision": BinaryPrecision(),
+            "recall": BinaryRecall(),
+            "f1": BinaryF1Score(),
+        }
     if task.kind == "multiclass":
         c = len(task.classes)
         metrics = {"acc": MulticlassAccuracy(c, average="micro")}
@@ -58,16 +64,14 @@ def _scores(task: Task) -> MetricCollection:
             k = min(3, c - 1)
             metrics[f"top{k}_acc"] = MulticlassAccuracy(c, top_k=k, average="micro")
         metrics["f1"] = MulticlassF1Score(c, average="macro")
-        return MetricCollection(metrics)
+        return metrics
     if task.kind == "multilabel":
         c = len(task.classes)
-        return MetricCollection(
-            {
-                "f1": MultilabelF1Score(c, average=None, ignore_index=-1),
-                "acc": MultilabelAccuracy(c, average="micro", ignore_index=-1),
-            }
-        )
-    return MetricCollection({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False)})
+        return {
+            "f1": MultilabelF1Score(c, average=None, ignore_index=-1),
+            "acc": MultilabelAccuracy(c, average="micro", ignore_index=-1),
+        }
+    return {"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False)}
 
 
 class FlowMetrics(nn.Module):
@@ -178,12 +182,14 @@ class FlowMetrics(nn.Module):
         self._loss_pending, self._rows_pending = {}, 0
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """The epoch's values; across processes (DDP) every metric is synchronized, so all ranks get the same."""
         self._flush()
+        self._share_loss_names()
         out: dict[str, torch.Tensor] = {}
-        rows = self.rows.compute() if self.rows.update_count else torch.tensor(0.0)
+        rows = _total(self.rows)
         for key, metric in self.loss_sums.items():
             if rows > 0:
-                out[key.replace("::", "/").replace("__", ".")] = metric.compute() / rows
+                out[key.replace("::", "/").replace("__", ".")] = _total(metric) / rows
         for path, task in self.flow.tasks.items():
             k = _key(path)
             count = _total(self.counts[k])
@@ -194,6 +200,17 @@ class FlowMetrics(nn.Module):
             if e2e_rows > 0:
                 out[f"{path}/e2e_acc"] = _total(self.e2e_right[k]) / e2e_rows
         return {name: value.float() if value.dtype != torch.bool else value for name, value in out.items()}
+
+    def _share_loss_names(self) -> None:
+        """Across processes, give every rank the same loss sums (a rank may have seen no batch), so that all ranks
+        synchronize the same metrics in the same order."""
+        if not _distributed():
+            return
+        names: list[list[str]] = [[] for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(names, sorted(self.loss_sums.keys()))
+        for key in sorted(set().union(*names)):
+            if key not in self.loss_sums:
+                self.loss_sums[key] = SumMetric().to(self.rows.device)
 
     def _task_scores(self, task: Task, k: str, count: torch.Tensor) -> dict[str, torch.Tensor]:
         values = self.scores[k].compute()
@@ -239,5 +256,17 @@ class FlowMetrics(nn.Module):
         self.rows.reset()
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _total(metric: SumMetric) -> torch.Tensor:
-    return metric.compute() if metric.update_count else torch.tensor(0.0)
+    """The sum, 0 when nothing was added. Across processes every rank computes (and so synchronizes) it, also a rank
+    that saw no rows."""
+    if metric.update_count:
+        return metric.compute()
+    if _distributed():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "compute before update": expected on a rank without rows
+            return metric.compute().float()
+    return torch.tensor(0.0)
