@@ -113,6 +113,14 @@ class HeadstartModel(L.LightningModule):
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = self.run_config
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Thresholds tuned after training are written into the checkpoint's flow spec, not into the weights: a run
+        # that evaluates or resumes from it (train.py ckpt_path=...) must decide with them.
+        thresholds = ((checkpoint.get("hyper_parameters") or {}).get("flow") or {}).get("thresholds")
+        if thresholds:
+            self.flow.load_state({"thresholds": thresholds})
+            self.hparams.flow = self.flow.to_spec()
+
     def _class_weights(self) -> dict[str, torch.Tensor]:
         return {
             p: getattr(self, f"_class_weight_{p.replace('.', '__')}")

@@ -112,7 +112,9 @@ class FlowMetrics(nn.Module):
         targets: Mapping[str, torch.Tensor],
         losses: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Record a batch. `losses` ({name: batch mean}) are averaged over rows, weighted by batch size."""
+        """Record a batch. `losses` ({name: batch mean}) are averaged over rows, weighted by batch size; a task's
+        own loss (`<path>/loss`, the mean over the rows where the task applies) by the number of those rows, so that
+        its epoch value does not depend on how the rows were batched (or shared between processes)."""
         n = next(iter(targets.values())).shape[0]
         self._pending.append(
             (
@@ -120,14 +122,21 @@ class FlowMetrics(nn.Module):
                 {p: targets[p].detach() for p in self.flow.leaf_paths},
             )
         )
+        masks = self.flow.masks(targets) if any(self._task_of(k) for k in losses or {}) else {}
         for name, value in (losses or {}).items():
-            weighted = value.detach() * n
+            task = self._task_of(name)
+            weighted = value.detach() * (masks[task].sum() if task else n)
             self._loss_pending[name] = (
                 self._loss_pending[name] + weighted if name in self._loss_pending else weighted
             )
         self._rows_pending += n
         if len(self._pending) >= self.flush_every:
             self._flush_rows()
+
+    def _task_of(self, loss_name: str) -> str | None:
+        """The task path of a per-task loss name (`<path>/loss`), else None."""
+        path = loss_name.removesuffix("/loss")
+        return path if path != loss_name and path in self.flow.tasks else None
 
     def _flush_rows(self) -> None:
         if not self._pending:
@@ -188,8 +197,11 @@ class FlowMetrics(nn.Module):
         out: dict[str, torch.Tensor] = {}
         rows = _total(self.rows)
         for key, metric in self.loss_sums.items():
-            if rows > 0:
-                out[key.replace("::", "/").replace("__", ".")] = _total(metric) / rows
+            name = key.replace("::", "/").replace("__", ".")
+            task = self._task_of(name)
+            total = _total(self.counts[_key(task)]) if task else rows
+            if total > 0:
+                out[name] = _total(metric) / total
         for path, task in self.flow.tasks.items():
             k = _key(path)
             count = _total(self.counts[k])
