@@ -120,7 +120,8 @@ def main() -> None:
             f"{base_macs / row.macs:>9.2f}x {latency[s]:>7.2f} {latency[0] / latency[s]:>7.2f}x"
             f"{'  <- selected (val within max_drop)' if s == table['selected_step'] else ''}"
         )
-    ok = [s for s in accuracy if accuracy[0] - accuracy[s] <= 0.03 + 1e-6]  # float32 accuracies: 0.97 - 0.94 > 0.03
+    # accuracies are float32: 0.97 - 0.94 > 0.03
+    ok = [s for s in accuracy if accuracy[0] - accuracy[s] <= 0.03 + 1e-6]
     best = max(ok, key=lambda s: latency[0] / latency[s])
     print(
         f"fastest step within 3 points of the unpruned test accuracy: step {best}, "
