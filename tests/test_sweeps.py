@@ -121,31 +121,26 @@ def test_search_configs_compose(tmp_path):
 # --- Optuna ------------------------------------------------------------------------------------------------------
 
 
+def _multirun(tmp_path: Path, data: Path, overrides: list[str]):
+    """`train.py -m <overrides>` on the tiny data, as a user runs it; the finished process and its sweep directory."""
+    result = run_script(
+        ["train.py", "-m", *overrides, *FAST, f"data.root={data}", f"paths.root_dir={tmp_path}"], cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, _sweep_dir(tmp_path)
+
+
 def test_optuna_search_summary_and_best_experiment(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     data = _data(tmp_path)
-    result = run_script(
-        [
-            "train.py",
-            "-m",
-            "hparams_search=digits_optuna",
-            *FAST,
-            f"data.root={data}",
-            f"paths.root_dir={tmp_path}",
-            "hydra.sweeper.n_trials=2",
-        ],
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    sweep = _sweep_dir(tmp_path)
+    _, sweep = _multirun(tmp_path, data, ["hparams_search=digits_optuna", "hydra.sweeper.n_trials=2"])
     results = OmegaConf.load(sweep / "optimization_results.yaml")
     summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 2 and (summary["status"] == "ok").all()
     assert {"optimizer.lr", "model.dropout"} <= set(summary.columns)
     best = summary.iloc[0]
-    assert best["val/loss"] == pytest.approx(
-        results.best_value, rel=1e-6
-    )  # the sweeper's best is the summary's
+    # the sweeper's best is the summary's
+    assert best["val/loss"] == pytest.approx(results.best_value, rel=1e-6)
     assert best["optimizer.lr"] == pytest.approx(results.best_params["optimizer.lr"])
 
     cfg = _compose_experiment(sweep / BEST_EXPERIMENT, tmp_path)
@@ -164,44 +159,26 @@ def test_joblib_runs_optuna_trials_in_parallel_processes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     data = _data(tmp_path)
-    result = run_script(
+    result, sweep = _multirun(
+        tmp_path,
+        data,
         [
-            "train.py",
-            "-m",
             "hparams_search=digits_optuna",
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
             "hydra.sweeper.n_jobs=2",
             "hydra.sweeper.n_trials=2",
-            *FAST,
-            f"data.root={data}",
-            f"paths.root_dir={tmp_path}",
         ],
-        cwd=ROOT,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
-    summary = pd.read_csv(_sweep_dir(tmp_path) / "summary.csv")
+    summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 2 and (summary["status"] == "ok").all()
 
 
 def test_submitit_local_runs_jobs(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     data = _data(tmp_path)
-    result = run_script(
-        [
-            "train.py",
-            "-m",
-            "hydra/launcher=submitit_local",
-            "optimizer.lr=1e-3",
-            *FAST,
-            f"data.root={data}",
-            f"paths.root_dir={tmp_path}",
-        ],
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    sweep = _sweep_dir(tmp_path)
+    _, sweep = _multirun(tmp_path, data, ["hydra/launcher=submitit_local", "optimizer.lr=1e-3"])
     assert (sweep / ".submitit").is_dir()
     summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 1 and (summary["status"] == "ok").all()
