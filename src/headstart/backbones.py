@@ -762,3 +762,9 @@ def _first(keys: Iterable[str], n: int = 4) -> str:
     keys = list(keys)
     more = f", ... (+{len(keys) - n})" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
+
+
+if __name__ == "__main__":  # python -m headstart.backbones: the catalog of backbones
+    from headstart.catalog import main
+
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""`python -m headstart.compare`: several runs' validation curves from their TensorBoard events, as PNG and CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ROOT, run_script
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from headstart.compare import compare_runs, find_runs, read_curves, run_labels
+
+
+def _fake_run(run: Path, overrides: list[str], losses: list[float], steps_per_epoch: int = 10) -> Path:
+    """Events as Lightning writes them: `epoch` at every logging step, val/* at each epoch's last step, then the
+    final validate of the best checkpoint again at the last step."""
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    writer = SummaryWriter(str(run / "tensorboard"))
+    for epoch, loss in enumerate(losses):
+        step = (epoch + 1) * steps_per_epoch - 1
+        writer.add_scalar("epoch", epoch, step)
+        writer.add_scalar("train/loss", loss + 0.1, step)
+        writer.add_scalar("val/loss", loss, step)
+        writer.add_scalar("val/label/acc", 1 - loss / 2, step)
+        writer.add_scalar("val/label/count", 50, step)
+    writer.add_scalar("epoch", len(losses), step + 1)  # validate(best) after training: not part of the curve
+    writer.add_scalar("val/loss", min(losses), step + 1)
+    writer.close()
+    return run
+
+
+@pytest.fixture
+def two_runs(tmp_path: Path) -> list[Path]:
+    sweep = tmp_path / "multirun" / "digits" / "2026-11-23_10-00-00"
+    return [
+        _fake_run(sweep / "0", ["experiment=digits", "optimizer.lr=0.01"], [1.0, 0.6, 0.4]),
+        _fake_run(sweep / "1", ["experiment=digits", "optimizer.lr=0.001"], [1.2, 0.9, 0.7, 0.5], 7),
+    ]
+
+
+def test_curves_are_read_per_epoch_without_the_final_validate(two_runs: list[Path]) -> None:
+    curves = read_curves(two_runs[1], ["val/loss"])
+    assert curves["epoch"].tolist() == [0, 1, 2, 3]
+    assert curves["step"].tolist() == [6, 13, 20, 27]
+    assert curves["value"].round(6).tolist() == [1.2, 0.9, 0.7, 0.5]
+
+
+def test_labels_name_the_overrides_that_differ(two_runs: list[Path]) -> None:
+    assert run_labels(two_runs) == ["0 optimizer.lr=0.01", "1 optimizer.lr=0.001"]
+
+
+def test_compare_writes_png_and_csv_with_every_point(two_runs: list[Path], tmp_path: Path) -> None:
+    runs = find_runs([two_runs[0].parent])  # the sweep folder: its runs are found
+    assert runs == two_runs
+    out = tmp_path / "report" / "compare"
+    compare_runs(runs, ["val/*"], out)
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert set(table["metric"]) == {"val/loss", "val/label/acc"}  # counts are not curves
+    loss = table[table["metric"] == "val/loss"]
+    assert loss.groupby("label")["value"].count().to_dict() == {
+        "0 optimizer.lr=0.01": 3,
+        "1 optimizer.lr=0.001": 4,
+    }
+    assert loss[loss["label"].str.startswith("0")]["value"].round(6).tolist() == [1.0, 0.6, 0.4]
+    with Image.open(out.with_suffix(".png")) as image:
+        assert image.width > 600 and image.height > 300
+
+
+def test_cli_on_a_real_run_and_its_errors(tmp_path: Path) -> None:
+    run = tmp_path / "outputs" / "digits" / "run"
+    result = run_script(
+        [
+            "train.py",
+            f"paths.root_dir={tmp_path}",
+            f"hydra.run.dir={run}",
+            "trainer.max_epochs=2",
+            "+trainer.limit_train_batches=3",
+            "data.num_workers=0",
+            "export.onnx=false",
+        ],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "cmp"
+    result = run_script(
+        ["-m", "headstart.compare", str(tmp_path / "outputs"), "--metrics", "val/loss", "--out", str(out)],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert table["epoch"].tolist() == [0, 1] and (table["metric"] == "val/loss").all()
+    assert out.with_suffix(".png").is_file()
+
+    result = run_script(
+        ["-m", "headstart.compare", str(tmp_path / "outputs"), "--metrics", "val/nothing"], cwd=ROOT
+    )
+    assert result.returncode == 2 and "no run has a scalar matching val/nothing" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_script(["-m", "headstart.compare", str(empty)], cwd=ROOT)
+    assert result.returncode == 2 and "no TensorBoard event files" in result.stderr
