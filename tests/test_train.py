@@ -355,3 +355,12 @@ def test_class_weights_of_an_imbalanced_folder_reach_the_model(tmp_path):
     hp = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]
     few, many = hp["class_weights"]["label"]
     assert few > 2 * many
+
+
+def test_a_bad_value_found_by_a_constructor_is_one_clear_message(tmp_path):
+    # the data module rejects it inside Hydra's instantiate, which wraps the error in its own
+    result = run_script(["train.py", "data.balance=oversample", f"paths.root_dir={tmp_path}"], cwd=ROOT)
+    assert result.returncode == 2
+    assert "headstart: error: data.balance must be one of" in result.stderr
+    assert "Traceback" not in result.stderr and "Error in call to target" not in result.stderr
+    assert _run_dirs(tmp_path) == []
