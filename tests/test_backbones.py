@@ -235,6 +235,16 @@ def test_fully_frozen_body_stays_in_eval_mode_dropout_off():
     assert all(m.training for m in unfrozen.body.modules())
 
 
+def test_frozen_stages_compute_as_in_evaluation_stochastic_depth_off():
+    b = build_backbone("efficientnet_b0", trainable_stages=2).train()  # features.7, features.8 (+ rest) train
+    frozen_block = b.body.features[3]
+    assert not any(m.training for m in frozen_block.modules())  # its stochastic depth and BatchNorm included
+    assert all(m.training for m in b.body.features[8].modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(frozen_block(b.body.features[:3](x)), frozen_block(b.body.features[:3](x)))
+
+
 # ------------------------------------------------------------------------------------------------------ weight files
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from headstart.errors import ConfigError, WeightsError
 from headstart.transforms import InputTransform
@@ -79,8 +78,8 @@ class Backbone(nn.Module):
     """A feature extractor: `body(images float[B,3,H,W]) -> float[B, feature_dim]`, plus what is needed to use it.
 
     `stages` groups the parameter names of `body` from the input side to the output side; `freeze(n)` leaves only the
-    last `n` stages trainable. Frozen BatchNorm layers (and the whole body, when nothing is trainable) stay in eval
-    mode under `.train()`, so that running statistics of a frozen backbone never drift and dropout stays off: a
+    last `n` stages trainable. Frozen blocks (and the whole body, when nothing is trainable) stay in eval mode under
+    `.train()`, so that running statistics of a frozen backbone never drift and dropout stays off: a
     frozen backbone computes the same features in training and in evaluation.
     """
 
@@ -131,9 +130,10 @@ class Backbone(nn.Module):
             self.body.eval()
             return self
         for m in self.body.modules():
-            params = list(m.parameters(recurse=False))
-            # A BatchNorm without affine parameters has nothing to say whether it is frozen: it follows the body.
-            if isinstance(m, _BatchNorm) and params and not any(p.requires_grad for p in params):
+            params = list(m.parameters())
+            # A block whose parameters are all frozen computes as in evaluation: BatchNorm statistics fixed, dropout
+            # and stochastic depth off. A module without parameters (a non-affine BatchNorm) follows its block.
+            if params and not any(p.requires_grad for p in params):
                 m.eval()
         return self
 

@@ -81,6 +81,23 @@ class ExportSchema:
 
 
 @dataclass
+class TuneSchema:
+    lr_find: bool = False
+    apply: bool = True
+    min_lr: float = 1e-6
+    max_lr: float = 1.0
+    num_training: int = 100
+
+
+@dataclass
+class CostSchema:
+    latency: bool = True
+    runs: int = 20
+    threads: int | None = 1
+    device: str = "cpu"
+
+
+@dataclass
 class TrainSchema:
     name: str = "default"
     seed: int = 42
@@ -97,10 +114,13 @@ class TrainSchema:
     paths: PathsSchema = field(default_factory=PathsSchema)
     backbone: BackboneSchema = field(default_factory=BackboneSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
+    tune: TuneSchema = field(default_factory=TuneSchema)
+    cost: CostSchema = field(default_factory=CostSchema)
     flow: Any = None
     data: Any = None
     optimizer: Any = None
     scheduler: Any = None
+    finetune: Any = None
     trainer: Any = None
     callbacks: Any = None
     logger: Any = None
@@ -137,7 +157,15 @@ def validate_train_config(cfg: DictConfig) -> None:
     for key in ("data", "optimizer", "trainer"):
         if cfg.get(key) is None:
             raise ConfigError(f"'{key}' is missing from the config; choose one with {key}=<name>")
-    check_targets(cfg, ["data", "optimizer", "scheduler", "trainer", "callbacks", "logger"])
+    check_targets(cfg, ["data", "optimizer", "scheduler", "finetune", "trainer", "callbacks", "logger"])
+    from headstart.cost import check_cost_config  # lazy: both import Lightning and the model
+    from headstart.tuning import check_tune_config
+
+    check_tune_config(cfg)
+    check_cost_config(cfg)
+    from headstart.finetune import build_schedule  # lazy: imports Lightning
+
+    build_schedule(cfg)  # its values, and how it fits features= and backbone.trainable_stages
 
 
 def check_targets(cfg: DictConfig, keys: list[str]) -> None:

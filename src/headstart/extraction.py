@@ -29,6 +29,7 @@ import headstart
 from headstart.backbones import Backbone, backbone_transform, build_backbone
 from headstart.config import plain, validate_train_config
 from headstart.data import ImageDataModule, collate_skip_none
+from headstart.data.kfold import kfold_splits
 from headstart.dof import DofError, DofWriter, fingerprint, open_dof
 from headstart.dof.parts import (
     PARTS_DIR,
@@ -447,6 +448,11 @@ def find_or_extract(
     With `world_size` > 1 in `kwargs` this process extracts only its rank's part (the set is complete when the
     last rank has merged); `merge=True` extracts nothing and merges the finished parts of `world_size` ranks.
     """
+    if getattr(datamodule, "folds", None) is not None:
+        raise ConfigError(
+            "extract from the data without cross-validation folds (folds=None): a set stores the train+val pool "
+            "once, and FeatureDataModule(folds=k, fold=i) deals it into folds"
+        )
     datamodule.setup("fit")
     spec = dof_spec(backbone, datamodule, augment_policy, views, dtype)
     root = Path(dof_dir) / dataset / fingerprint(spec)
@@ -479,9 +485,24 @@ def find_or_extract(
 
 
 def _image_datamodule(cfg: DictConfig) -> ImageDataModule:
-    datamodule = instantiate(cfg.data, transform=backbone_transform(cfg.backbone.name))
+    """The configured images without cross-validation folds: a fold changes which stored rows train and which
+    validate, not the features, so every fold of a k-fold sweep finds (or extracts) the same set. The folds are
+    checked here all the same, so that a bad data.folds stops the run before a long extraction."""
+    unfolded = {k: None for k in ("folds", "fold") if k in cfg.data}
+    datamodule = instantiate(cfg.data, transform=backbone_transform(cfg.backbone.name), **unfolded)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if cfg.data.get("folds") is not None or cfg.data.get("fold") is not None:
+        frame = datamodule.table.frame
+        kfold_splits(
+            frame["path"].to_numpy(),
+            frame["split"].to_numpy(),
+            datamodule.table.labels,
+            cfg.data.get("folds"),
+            cfg.data.get("fold"),
+            cfg.data.get("split_seed", 0),
+            datamodule.table.classes,
+        )
     return datamodule
 
 

@@ -13,14 +13,14 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from headstart.crossval import FOLD_KEY, write_fold_summary
+from headstart.reproduce import experiment_text
 from headstart.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
 BEST_EXPERIMENT = "best_experiment.yaml"
-# Overrides that say where and how a job ran, not what model it trains: left out of the best experiment.
-_RUN_ONLY_PREFIXES = ("hydra.", "hydra/", "paths.")
-_RUN_ONLY_GROUPS = ("hparams_search", "experiment")
+FOLD_KEYS = (FOLD_KEY, "data.folds")
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -58,9 +58,18 @@ def summarize_sweep(sweep_dir: Path) -> pd.DataFrame | None:
     (sweep_dir / "summary.md").write_text(
         f"# Sweep summary\n\nSorted by `{monitor}` ({mode}), best first.\n\n" + markdown_table(table)
     )
-    best = _best_job(table, monitor)
-    if best is not None:
-        write_best_experiment(sweep_dir / best, sweep_dir / BEST_EXPERIMENT)
+    folds = write_fold_summary(
+        sweep_dir, table, monitor, mode
+    )  # k-fold: mean ± std over data.fold (folds.csv)
+    if folds is None:
+        best = _best_job(table, monitor)
+        if best is not None:
+            write_best_experiment(sweep_dir / best, sweep_dir / BEST_EXPERIMENT)
+    else:
+        best = _best_fold_setting_job(table, folds)
+        if best is not None:
+            path = sweep_dir / BEST_EXPERIMENT
+            path.write_text(best_experiment_text(sweep_dir / best, leave_out=FOLD_KEYS))
     return table
 
 
@@ -72,65 +81,37 @@ def _best_job(table: pd.DataFrame, monitor: str | None) -> str | None:
     return None if done.empty else str(done.iloc[0]["job"])
 
 
-def _raw(config: DictConfig, key: str) -> Any:
-    """The value at dotted `key` as the job's config.yaml stores it (interpolations left as written)."""
-    node: Any = OmegaConf.to_container(config, resolve=False)
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+def _best_fold_setting_job(table: pd.DataFrame, folds: pd.DataFrame) -> str | None:
+    """A finished job of the setting with the best mean over the folds (the fold summary's first row)."""
+    keys = [c for c in folds.columns if c not in ("n", "folds") and not str(c).endswith((" mean", " std"))]
+    for _, setting in folds.iterrows():
+        jobs = table[table["status"] == "ok"]
+        for key in keys:
+            jobs = jobs[(jobs[key] == setting[key]) | (jobs[key].isna() & pd.isna(setting[key]))]
+        if not jobs.empty:
+            return str(jobs.iloc[0]["job"])
+    return None
 
 
-def best_experiment_text(job_dir: Path) -> str:
-    """A `# @package _global_` experiment file that reproduces the job in `job_dir`: its experiment as the base,
-    the config groups it chose on the command line as `override /group: option`, and every value it set
-    (swept or given) as it was in the job's config. Where and how the job ran (paths.*, hydra.*, hparams_search)
-    is left out, and so are the search's own settings: the file trains the same model outside the search."""
-    hydra_dir = job_dir / ".hydra"
-    overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
-    config = OmegaConf.load(hydra_dir / "config.yaml")
-    choices = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices
-    base = choices.get("experiment")
-
-    added: list[str] = []
-    overridden: list[str] = []
-    values = OmegaConf.create({})
-    skipped: list[str] = []
-    for override in overrides:
-        key = override.split("=", 1)[0]
-        if override.startswith("~") or "=" not in override or "@" in key:
-            skipped.append(override)  # deletions and package overrides have no plain YAML form here
-            continue
-        plain_key = key.lstrip("+")
-        if plain_key.startswith(_RUN_ONLY_PREFIXES) or plain_key in _RUN_ONLY_GROUPS:
-            continue
-        if plain_key in choices:  # a config group
-            option = choices[plain_key]
-            if key.startswith("+"):
-                added.append(f"/{plain_key}: {option}")
-            else:
-                overridden.append(f"override /{plain_key}: {option}")
-            continue
-        OmegaConf.update(values, plain_key, _raw(config, plain_key), force_add=True)
-    OmegaConf.update(values, "name", f"{config.name}_best", force_add=True)
-
-    defaults = ([base] if base else []) + added + overridden
+def best_experiment_text(job_dir: Path, leave_out: tuple[str, ...] = ()) -> str:
+    """The best job as a ready experiment file (see `headstart.reproduce.experiment_text`), named `<name>_best`.
+    `leave_out`: override keys not to reproduce (a k-fold sweep's data.fold/data.folds: the setting that was best
+    on average over the folds, trained once with the usual validation split)."""
+    config = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
     metrics_file = job_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     value = metrics.get(config.monitor.metric)
     score = f"{value:.6g}" if isinstance(value, int | float) and not math.isnan(value) else "n/a"
-    lines = [
-        "# @package _global_",
-        f"# The best job of the sweep {job_dir.parent} (job {job_dir.name}, {config.monitor.metric} = {score}).",
-        "# Copy it to conf/experiment/<name>.yaml and train it with: python train.py experiment=<name>",
-    ]
-    if skipped:
-        lines.append(f"# Not reproduced (deletions, package overrides): {' '.join(skipped)}")
-    if defaults:
-        lines += ["defaults:", *(f"  - {d}" for d in defaults), ""]
-    lines.append(OmegaConf.to_yaml(values).rstrip())
-    return "\n".join(lines) + "\n"
+    if leave_out:
+        header = [
+            f"The best setting of the cross-validation sweep {job_dir.parent} by mean {config.monitor.metric} over "
+            f"the folds (from job {job_dir.name}), without {', '.join(leave_out)}."
+        ]
+    else:
+        header = [
+            f"The best job of the sweep {job_dir.parent} (job {job_dir.name}, {config.monitor.metric} = {score})."
+        ]
+    return experiment_text(job_dir, header, name=f"{config.name}_best", leave_out=leave_out)
 
 
 def write_best_experiment(job_dir: Path, path: Path) -> Path:

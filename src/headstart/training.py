@@ -21,15 +21,18 @@ from headstart.backbones import backbone_transform
 from headstart.benefit import describe, dof_benefit
 from headstart.callbacks import EpochCostTimer
 from headstart.config import plain, validate_train_config
+from headstart.cost import CostReport
 from headstart.data.features import FeatureDataModule
 from headstart.errors import ConfigError
 from headstart.extraction import dof_for_config, frozen_backbone
+from headstart.finetune import build_schedule
 from headstart.model import HeadstartModel
 from headstart.reattach import attach_backbone, check_reattached, save_model
 from headstart.reports import write_task_tables
 from headstart.runs import resolve_resume, write_json
 from headstart.shipping import ship_run
 from headstart.thresholds import store_flow_in_checkpoint, tune_on_validation
+from headstart.tuning import find_lr
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,11 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
             batch_size=cfg.extract.train_batch_size,
             seed=cfg.seed,
             memory_budget=cfg.extract.memory_budget,
+            folds=cfg.data.get(
+                "folds"
+            ),  # cross-validation folds of the stored train+val rows (one set, every fold)
+            fold=cfg.data.get("fold"),
+            split_seed=cfg.data.get("split_seed", 0),
         )
     else:
         datamodule = instantiate(cfg.data, transform=backbone_transform(cfg.backbone.name))
@@ -86,9 +94,13 @@ def build_model(
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [
+    """The configured callbacks; a `finetune=` schedule first, so that the others (the LR monitor) see each epoch's
+    parameter groups."""
+    callbacks = [
         instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c
     ]
+    schedule = build_schedule(cfg)
+    return [schedule, *callbacks] if schedule else callbacks
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
@@ -107,6 +119,8 @@ def train(cfg: DictConfig) -> float | None:
     model = build_model(cfg, datamodule, structure=checkpoint_structure(ckpt_path))
     model.run_config = {k: v for k, v in plain(cfg).items() if k != "hydra"}
     callbacks = build_callbacks(cfg)
+    cost = CostReport(**plain(cfg.cost), backbone=plain(cfg.backbone))  # params and MACs, logged at fit start
+    callbacks.append(cost)
     on_features = isinstance(datamodule, FeatureDataModule)
     if on_features:
         timer = EpochCostTimer()
@@ -116,6 +130,7 @@ def train(cfg: DictConfig) -> float | None:
     if _world_size(trainer) > 1:
         _prepare_distributed(trainer, datamodule)
 
+    tuned = find_lr(cfg, trainer, model, datamodule) if cfg.train else {}  # tune.lr_find: the starting lr
     if cfg.train:
         if ckpt_path:
             log.info("resuming from %s", ckpt_path)
@@ -128,7 +143,7 @@ def train(cfg: DictConfig) -> float | None:
         if _world_size(trainer) > 1:  # every rank evaluates with rank 0's thresholds
             model.flow.load_state(trainer.strategy.broadcast(model.flow.state()))
             model.hparams.flow = model.flow.to_spec()
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(tuned)
     if cfg.test:
         if cfg.train or ckpt_path:
             metrics.update(
@@ -156,6 +171,8 @@ def train(cfg: DictConfig) -> float | None:
         log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if not k.endswith("/count")})
         if best:
             ship_run(cfg, datamodule, best, run_dir, metrics)
+        metrics.update(cost.report(model, run_dir, best, loggers))  # latency of the export; cost.json
+        write_json(run_dir / "metrics.json", metrics)
     return metrics.get(cfg.monitor.metric)
 
 

@@ -19,6 +19,7 @@ from headstart.data.images import (
     collate_skip_none,
     load_rgb,
 )
+from headstart.data.kfold import check_kfold, kfold_assign, kfold_splits
 from headstart.data.samples import (
     IMAGE_EXTENSIONS,
     SPLITS,
@@ -54,9 +55,12 @@ __all__ = [
     "TableDataModule",
     "TableDataset",
     "build_dog_cat",
+    "check_kfold",
     "collate_skip_none",
     "csv_table",
     "folder_table",
+    "kfold_assign",
+    "kfold_splits",
     "layout_help",
     "leaf_specs",
     "load_rgb",

@@ -8,6 +8,7 @@ scan but fails to decode later (e.g. a truncated JPEG, which `verify()` cannot s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -22,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torch.utils.data._utils.collate import default_collate
 
+from headstart.data.kfold import check_kfold, kfold_splits
 from headstart.data.samples import SPLITS, SampleTable, csv_table, folder_table
 from headstart.errors import ConfigError, DataError
 from headstart.transforms import InputTransform, eval_transform, train_transform
@@ -122,6 +124,10 @@ class ImageDataModule(L.LightningDataModule):
     torchvision.transforms.v2 transforms applied to the uint8 crop of training images only.
 
     With balance="weights" nothing changes in the data: the model reads `class_weights()` for its loss.
+
+    Cross-validation: with `folds` = k and `fold` = i, the train+val pool is dealt into k folds stratified by label
+    (`headstart.data.kfold`, seeded by `split_seed`); fold i validates and the other folds train. The test split
+    is untouched.
     """
 
     def __init__(
@@ -138,6 +144,8 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
+        folds: int | None = None,
+        fold: int | None = None,
         missing_hint: str | None = None,
         predict_split: str = "test",
     ) -> None:
@@ -166,6 +174,8 @@ class ImageDataModule(L.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.split_seed = int(split_seed)
+        self.folds = folds
+        self.fold = fold
         self.missing_hint = missing_hint
         self.predict_split = predict_split
         self.bad_paths: list[str] = []
@@ -197,14 +207,33 @@ class ImageDataModule(L.LightningDataModule):
         _ = self.input_transform  # fail early on a missing transform
         if self._table is not None:
             return
+        # checked here, not in __init__: there Hydra's instantiate would bury the message in its own error
+        check_kfold(self.folds, self.fold)
         table = self._build_table()
         table = self._drop_bad_images(table)
         if len(table) == 0:
             raise DataError(
                 "No readable images left after dropping the unreadable ones; check the data folder."
             )
-        self._table = table
+        self._table = self._apply_fold(table)
         self._check_imbalance()
+
+    def _apply_fold(self, table: SampleTable) -> SampleTable:
+        """The table with this fold's train/val splits (after bad images are dropped: a DoF set stores the same
+        rows, so its folds are these)."""
+        if self.folds is None:
+            return table
+        frame = table.frame
+        split = kfold_splits(
+            frame["path"].to_numpy(),
+            frame["split"].to_numpy(),
+            table.labels,
+            self.folds,
+            self.fold,
+            self.split_seed,
+            table.classes,
+        )
+        return dataclasses.replace(table, frame=frame.assign(split=split))
 
     def _drop_bad_images(self, table: SampleTable) -> SampleTable:
         full = self.on_bad_image == "error"
