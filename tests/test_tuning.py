@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_train, make_tree
+from conftest import compose_train, make_tree
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from headstart.config import validate_train_config
@@ -98,8 +98,6 @@ def test_too_few_steps_give_no_suggestion_and_keep_the_lr(tmp_path, digits_root,
 
 @pytest.mark.slow
 def test_a_finetune_schedule_still_gives_the_backbone_its_own_group_after_the_finder(tmp_path, digits_root):
-    if not (ROOT / "conf" / "finetune" / "frozen_stages.yaml").is_file():
-        pytest.skip("no finetune=frozen_stages schedule in conf/")
     overrides = [
         "tune.num_training=16",
         "finetune=frozen_stages",
