@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose_train, make_tree
@@ -15,6 +16,7 @@ from headstart.config import validate_train_config
 from headstart.errors import ConfigError
 from headstart.model import HeadstartModel
 from headstart.training import train
+from headstart.tuning import steepest_descent_lr
 
 # digits on the small CNN, four batches of 16 an epoch, not augmented; no test split, nothing exported.
 DIGITS = [
@@ -179,3 +181,14 @@ def test_fast_dev_run_skips_the_finder_and_the_cost_report(tmp_path, caplog):
         train(cfg)
     assert any("tune.lr_find skipped: fast_dev_run" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "run" / "lr_find.png").exists() and not (tmp_path / "run" / "cost.json").exists()
+
+
+def test_suggestion_is_the_steepest_fall_per_decade():
+    lrs = np.logspace(-6, 0, 100).tolist()
+    # the loss falls fastest (per decade) at lr = 1e-2, then blows up past 1e-1
+    losses = [2.0 - 1.5 / (1 + np.exp(-3 * (np.log10(lr) + 2))) + (5 * lr if lr > 0.1 else 0) for lr in lrs]
+    suggested = steepest_descent_lr(lrs, losses)
+    assert 10**-2.1 < suggested < 10**-1.9
+    losses[50] = float("nan")  # a non-finite point is ignored
+    assert 10**-2.1 < steepest_descent_lr(lrs, losses) < 10**-1.9
+    assert steepest_descent_lr(lrs[:12], losses[:12]) is None  # fewer than two points after the skipped ones

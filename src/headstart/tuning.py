@@ -29,7 +29,7 @@ from headstart.model import HeadstartModel
 
 log = logging.getLogger(__name__)
 
-# Lightning's suggestion skips the first 10 and the last loss value and needs two left to take a gradient.
+# The suggestion skips the first 10 and the last loss value (as Lightning's) and needs two left for a slope.
 SKIPPED = 10
 MIN_POINTS = SKIPPED + 3
 
@@ -125,7 +125,7 @@ def _suggestion(finder: Any, points: int, opts: DictConfig, configured: float | 
             keep,
         )
         return None
-    suggestion = finder.suggestion()
+    suggestion = steepest_descent_lr(finder.results["lr"], finder.results["loss"])
     if suggestion is None:
         log.warning("learning-rate finder: no suggestion (the recorded losses are not finite); %s", keep)
         return None
@@ -144,6 +144,24 @@ def _suggestion(finder: Any, points: int, opts: DictConfig, configured: float | 
         then,
     )
     return suggestion
+
+
+def steepest_descent_lr(lrs: list[float], losses: list[float]) -> float | None:
+    """The learning rate where the smoothed loss falls fastest per decade of learning rate, skipping the first
+    `SKIPPED` points and the last; None without two finite points.
+
+    Lightning's `suggestion()` takes the slope against the learning rate itself. The range test spaces rates
+    exponentially, so that slope shrinks the low end's steps and picks rates far below the steepest part of the
+    curve as the eye reads it on its log axis (Lightning-AI/pytorch-lightning#21141: on digits 5e-4 where the curve
+    falls fastest near 1e-2). Against log10(lr) every step counts alike."""
+    lr = np.asarray(lrs[SKIPPED:-1], dtype=np.float64)
+    loss = np.asarray(losses[SKIPPED:-1], dtype=np.float64)
+    finite = np.isfinite(loss) & (lr > 0)
+    if finite.sum() < 2:
+        return None
+    lr, loss = lr[finite], loss[finite]
+    slope = np.gradient(loss, np.log10(lr))
+    return float(lr[int(np.argmin(slope))])
 
 
 def _apply(cfg: DictConfig, model: HeadstartModel, lr: float) -> None:
