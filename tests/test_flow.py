@@ -534,3 +534,33 @@ def test_specs_from_hydra_configs_round_trip_with_thresholds():
     assert loaded.predict({"m": torch.tensor([[_logit(0.3), _logit(0.3)]])})["m"]["value"].tolist() == [
         [1.0, 0.0]
     ]
+
+
+def test_tree_puts_each_task_under_the_one_its_condition_asks_last():
+    flow = TaskFlow.from_spec(
+        {
+            "tasks": {
+                "blocked": {"kind": "binary"},
+                "open": {"kind": "binary", "given": "~blocked"},
+                "locked": {"kind": "binary", "given": "~open"},
+                "person": {"kind": "binary", "given": "open"},
+                "who": {
+                    "given": "person",
+                    "tasks": {
+                        "x": {"kind": "bounded_regression", "scale": 64},
+                        "shirt": {"kind": "multiclass", "classes": ["red", "blue"]},
+                    },
+                },
+                "both": {"kind": "multilabel", "classes": ["a", "b"], "given": "open & ~blocked"},
+            }
+        }
+    )
+    assert flow.tree().splitlines() == [
+        "blocked  binary",
+        "  open  binary  given ~blocked",
+        "    locked  binary  given ~open",
+        "    person  binary  given open",
+        "      who.x  bounded_regression (0..64)  given person",
+        "      who.shirt  multiclass [red, blue]  given person",
+        "    both  multilabel [a, b]  given open & ~blocked",
+    ]

@@ -119,6 +119,8 @@ def test_run_directory_holds_config_checkpoints_and_tensorboard(digits_run):
     assert {"val/label/confusion", "val/label/predictions", "test/label/confusion"} <= images
     lr = _scalars(digits_run / "tensorboard", "lr-AdamW")
     assert lr[0].value > lr[-1].value  # the cosine schedule ran
+    epoch_seconds = _scalars(digits_run / "tensorboard", "time/train_epoch_s")
+    assert len(epoch_seconds) == 15 and all(0 < e.value < 60 for e in epoch_seconds)
 
 
 @pytest.mark.slow

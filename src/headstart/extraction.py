@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import headstart
 from headstart.backbones import Backbone, backbone_transform, build_backbone
@@ -39,6 +39,7 @@ from headstart.dof.parts import (
     try_lock_merge,
 )
 from headstart.errors import ConfigError, DataError
+from headstart.runs import write_json
 from headstart.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -624,5 +625,11 @@ def extract(cfg: DictConfig) -> Path:
         dof.feature_dtype,
         f"{stats.get('images_per_second')} images/s" if not reused else "nothing recomputed",
     )
+    record = {
+        "path": str(Path(path).resolve()),
+        "reused": reused,
+        "splits": {s: len(dof.split(s)) for s in dof.splits},
+    }
+    write_json(Path(cfg.paths.output_dir) / "dof_set.json", record)  # which set this run produced or found
     print(path)
     return path

@@ -122,9 +122,8 @@ def train(cfg: DictConfig) -> float | None:
     cost = CostReport(**plain(cfg.cost), backbone=plain(cfg.backbone))  # params and MACs, logged at fit start
     callbacks.append(cost)
     on_features = isinstance(datamodule, FeatureDataModule)
-    if on_features:
-        timer = EpochCostTimer()
-        callbacks.append(timer)
+    timer = EpochCostTimer()  # time/train_epoch_s; on features also the DoF benefit
+    callbacks.append(timer)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if _world_size(trainer) > 1:

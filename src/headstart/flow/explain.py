@@ -11,7 +11,7 @@ one decided last), with its decoded value, probability and logit; tasks that do 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,20 +25,49 @@ def explain(flow: TaskFlow, logits: Mapping[str, torch.Tensor], i: int) -> str:
     row = {p: flow.tasks[p].flat(v.detach())[i : i + 1].float().cpu() for p, v in logits.items()}
     predicted = flow.predict(row)
     applicable = [p for p in flow.leaf_paths if bool(predicted[p]["applicable"][0])]
+    return _indented(
+        flow,
+        applicable,
+        lambda path: f"{path}: {_describe(flow.tasks[path], row[path][0], flow.thresholds.get(path))}",
+    )
+
+
+def tree(flow: TaskFlow) -> str:
+    """The flow's questions as a text tree: each task under the task its condition refers to, with its kind, its
+    classes or scale, and its condition::
+
+        camera_blocked  binary
+          door_open  binary  given ~camera_blocked
+            door_locked  binary  given ~door_open
+    """
+
+    def line(path: str) -> str:
+        task = flow.tasks[path]
+        what = task.kind
+        if task.classes:
+            what += f" [{', '.join(task.classes)}]"
+        elif task.scale is not None:
+            what += f" (0..{task.scale:g})"
+        given = flow.condition_text(path)
+        return f"{path}  {what}" + (f"  given {given}" if given else "")
+
+    return _indented(flow, flow.leaf_paths, line)
+
+
+def _indented(flow: TaskFlow, paths: list[str], line: Callable[[str], str]) -> str:
+    """`paths` as an indented tree: each under the task (among `paths`) its condition refers to; if it refers to
+    several, the one decided last."""
     rank = {p: k for k, p in enumerate(flow._order)}
     children: dict[str | None, list[str]] = {}
-    for path in applicable:
-        parents = [d for d in flow.depends_on(path) if d in applicable]
+    for path in paths:
+        parents = [d for d in flow.depends_on(path) if d in paths]
         parent = max(parents, key=rank.__getitem__) if parents else None
         children.setdefault(parent, []).append(path)
     lines: list[str] = []
 
     def emit(parent: str | None, depth: int) -> None:
         for path in children.get(parent, []):
-            lines.append(
-                "  " * depth
-                + f"{path}: {_describe(flow.tasks[path], row[path][0], flow.thresholds.get(path))}"
-            )
+            lines.append("  " * depth + line(path))
             emit(path, depth + 1)
 
     emit(None, 0)

@@ -268,6 +268,12 @@ class TaskFlow:
 
         return explain(self, logits, i)
 
+    def tree(self) -> str:
+        """The tasks as a text tree of who asks what given what (see `headstart.flow.explain.tree`)."""
+        from headstart.flow.explain import tree
+
+        return tree(self)
+
     # ---- thresholds ---------------------------------------------------------------------------------------------
 
     def tune_thresholds(

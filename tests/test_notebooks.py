@@ -1,0 +1,86 @@
+"""The notebooks run top to bottom in a fresh kernel, as users run them, and live in git without outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import ROOT, shared_data
+from nbclient import NotebookClient
+
+from headstart.errors import HeadstartError
+from headstart.notebook import run
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# real data a notebook reads from ../shared/data; without it the notebook cannot run and its test skips
+NEEDS = {"02_dof": "dog_cat_small"}
+# the figures each notebook must draw (a cell that silently draws nothing is a broken notebook)
+FIGURES = {"01_quickstart": 3, "02_dof": 2, "03_taskflow": 1, "04_prune_and_ship": 2}
+
+
+def test_the_guide_has_its_four_notebooks():
+    assert [p.stem for p in NOTEBOOKS] == sorted(FIGURES)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_without_outputs(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, f"{path.name} has no code"
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, (
+        f"{path.name}: cells {dirty} hold outputs; clear them before committing "
+        f"(jupyter nbconvert --clear-output --inplace notebooks/*.ipynb)"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    if path.stem in NEEDS:
+        shared_data(NEEDS[path.stem])
+    monkeypatch.setenv("HEADSTART_ROOT", str(tmp_path))  # the notebook's data, runs and DoF sets land here
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, on the first failing cell
+
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "every code cell ran"
+    figures = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+    assert figures >= FIGURES[path.stem]
+    assert any((tmp_path / "outputs").rglob("metrics.json")), "the notebook trained or evaluated a model"
+
+
+# ---- headstart.notebook.run: the scripts as on the command line ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_returns_the_directory_the_script_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HEADSTART_ROOT", str(tmp_path))
+    first = run("extract", "data.num_workers=0", echo=False)
+    assert first.parent == tmp_path / "outputs" / "digits"
+    assert (first / ".hydra" / "config.yaml").is_file()
+    record = json.loads((first / "dof_set.json").read_text())
+    dof = Path(record["path"])
+    assert dof.parent == tmp_path / "dof" / "digits" and (dof / "manifest.json").is_file()
+    assert record["reused"] is False and sum(record["splits"].values()) == 1797
+
+    again = run("extract", "data.num_workers=0", echo=False)
+    assert again != first
+    assert json.loads((again / "dof_set.json").read_text()) == {**record, "reused": True}
+
+
+@pytest.mark.slow
+def test_a_failing_script_raises_with_its_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HEADSTART_ROOT", str(tmp_path))
+    missing = tmp_path / "no_images"
+    with pytest.raises(HeadstartError, match=rf"(?s)exit 2.*headstart: error: .*{missing.name}"):
+        run("train", "data=folder", f"data.root={missing}", echo=False)
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.ckpt"))
+    with pytest.raises(HeadstartError, match="script must be one of train, extract"):
+        run("train.py")
