@@ -47,7 +47,9 @@ def test_links_of_the_guide_point_at_files_and_headings_that_exist():
             if not path.exists():
                 broken.append(f"{page.name}: {target} (no such file)")
             elif anchor:
-                headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", path.read_text(), flags=re.S), re.M)
+                headings = re.findall(
+                    r"^#+ (.+)$", re.sub(r"```.*?```", "", path.read_text(), flags=re.S), re.M
+                )
                 if anchor not in {_slug(h) for h in headings}:
                     broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken, broken
