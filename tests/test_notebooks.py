@@ -84,3 +84,5 @@ def test_a_failing_script_raises_with_its_one_line_error(tmp_path: Path, monkeyp
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.ckpt"))
     with pytest.raises(HeadstartError, match="script must be one of train, extract"):
         run("train.py")
+    with pytest.raises(HeadstartError, match=r"not -m; for a sweep \(-m\) run the script from a terminal"):
+        run("train", "-m", "seed=1,2")

@@ -53,6 +53,12 @@ def run(script: str, *overrides: str, echo: bool = True) -> Path:
     with the end of its output (the one-line `headstart: error: ...` message included)."""
     if script not in SCRIPTS:
         raise HeadstartError(f"script must be one of {', '.join(SCRIPTS)}, got {script!r}")
+    flags = [o for o in overrides if o.startswith("-")]
+    if flags:
+        raise HeadstartError(
+            f"run() takes overrides (key=value, group=option), not {' '.join(flags)}; for a sweep (-m) run the "
+            f"script from a terminal: python {script}.py -m ..."
+        )
     root = repo_root()
     args = list(overrides)
     out = run_dir_of(script, args)
