@@ -630,6 +630,8 @@ def extract(cfg: DictConfig) -> Path:
         "reused": reused,
         "splits": {s: len(dof.split(s)) for s in dof.splits},
     }
-    write_json(Path(cfg.paths.output_dir) / "dof_set.json", record)  # which set this run produced or found
+    out = Path(cfg.paths.output_dir)  # Hydra makes it for extract.py; a caller of extract() may not have
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "dof_set.json", record)  # which set this run produced or found
     print(path)
     return path
