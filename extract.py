@@ -4,12 +4,12 @@ import hydra
 from omegaconf import DictConfig
 
 from headstart.entry import run_guarded
-from headstart.extraction import extract
+from headstart.extraction import INTERRUPTED, extract
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="extract")
 def main(cfg: DictConfig) -> None:
-    run_guarded(extract, cfg)
+    run_guarded(extract, cfg, interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +73,19 @@ def make_tree(root: Path, spec: dict[str, dict[str, int]], ext: str = ".png") ->
             for i in range(n):
                 make_image(root / split / cls / f"{cls}_{i:03d}{ext}", seed=k)
                 k += 1
+
+
+def fake_job(job: Path, tmp_path: Path, overrides: list[str], metrics: dict | None) -> None:
+    """A job directory as Hydra leaves it: .hydra/{config,hydra,overrides}.yaml, plus the run's metrics.json
+    (none when `metrics` is None: the job failed)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    (job / ".hydra").mkdir(parents=True)
+    hydra_node = OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra, resolve=False)})
+    OmegaConf.save(hydra_node, job / ".hydra" / "hydra.yaml")
+    config = OmegaConf.to_container(cfg, resolve=False)
+    del config["hydra"]
+    OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps(metrics))

@@ -421,10 +421,10 @@ def test_a_file_left_out_of_sha256sums_is_refused(full, tmp_path):
         Predictor.load(b)
 
 
-def test_a_folder_without_sha256sums_is_not_a_bundle(full, tmp_path):
+def test_a_folder_without_sha256sums_cannot_be_verified_and_is_refused(full, tmp_path):
     b = _copy(full, tmp_path / "b")
     (b / "SHA256SUMS").unlink()
-    with pytest.raises(BundleError, match="is not a bundle: it has no SHA256SUMS"):
+    with pytest.raises(BundleError, match="cannot be verified: it has no SHA256SUMS"):
         Predictor.load(b)
     with pytest.raises(BundleError, match="does not exist"):
         Predictor.load(tmp_path / "nothing_here")
@@ -446,15 +446,41 @@ def test_a_sha256sums_entry_outside_the_folder_is_refused(full, tmp_path, name):
 # ---- 3. golden outputs --------------------------------------------------------------------------------------------
 
 
+def _embed_description(graph: Path, description: Path, dest: Path) -> None:
+    """`graph` saved to `dest` with `description` (a model.json) as its embedded headstart description."""
+    proto = onnx.load(str(graph))
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key="headstart", value=description.read_text())
+    onnx.save(proto, str(dest))
+
+
+def test_another_models_graph_is_refused_by_the_description_inside_it(full, other, tmp_path):
+    b = _copy(full, tmp_path / "b")
+    (b / "model.onnx").write_bytes((other[1] / "model.onnx").read_bytes())  # its own thresholds inside
+    _write_sums(b)
+    verify_bundle(b)
+    with pytest.raises(
+        BundleError, match="the description inside the graph disagrees with this one on flow, thresholds"
+    ):
+        Predictor.load(b)
+
+
 def test_another_models_graph_with_consistent_sums_fails_the_golden_check(full, other, tmp_path, x):
     other_model, other_dir = other
     b = _copy(full, tmp_path / "b")
-    (b / "model.onnx").write_bytes((other_dir / "model.onnx").read_bytes())
+    _embed_description(other_dir / "model.onnx", full / "model.json", b / "model.onnx")
     _write_sums(b)
-    verify_bundle(b)  # every file matches SHA256SUMS: only the golden outputs can tell
-    with pytest.raises(BundleError, match="golden outputs") as e:
+    verify_bundle(b)  # every file matches SHA256SUMS and the graph describes itself as model.json does
+    with pytest.raises(BundleError) as e:
         Predictor.load(b)
-    assert "disagrees with PyTorch" in str(e.value)
+    message = str(e.value)
+    assert message.startswith(
+        f"bundle {b}: its graph model.onnx does not reproduce its golden outputs: task '"
+    )
+    worst = float(message.split("differ by up to ")[1].split(" ")[0])
+    assert worst > 1e-4 and "(allowed 0.0001)" in message
+    assert "damaged or was edited after export" in message and "Re-export it from its run" in message
+    assert "export.onnx=false" not in message and "PyTorch" not in message  # it is a load, not an export
     p = Predictor.load(b, verify=False)
     expected = _torch_logits(other_model, x)
     got = p.logits(x.numpy())
@@ -695,3 +721,255 @@ def test_to_pil_refuses_an_unreadable_file(tmp_path, predictor):
         assert str(path) in str(e.value)
     with pytest.raises(DataError, match=r"broken\.png"):
         predictor.predict([make_image(tmp_path / "ok.png"), bad])
+
+
+# ---- 7. every path that runs a graph verifies it ------------------------------------------------------------------
+
+
+def _edited(full: Path, dest: Path, edit) -> Path:
+    """A copy of `full` whose model.json went through `edit` (a function changing the dict in place), SHA256SUMS
+    recomputed: only the checks of model.json's fields (and the graph) can tell."""
+    b = _copy(full, dest)
+    desc = json.loads((b / "model.json").read_text())
+    edit(desc)
+    (b / "model.json").write_text(json.dumps(desc, indent=2) + "\n")
+    _write_sums(b)
+    return b
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def edit(desc: dict) -> None:
+        node = desc
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+
+    return edit
+
+
+def _crop(side: int):
+    def edit(desc: dict) -> None:
+        desc["transform"].update(resize=side, crop=side)
+        desc["input"]["shape"] = ["batch", 3, side, side]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            _set("transform", "resize", 1_000_000),
+            r"field transform\.resize must be a whole number of pixels in \[1, ",
+        ),
+        (_set("transform", "resize", 32.5), r"field transform\.resize must be a whole number"),
+        (_set("transform", "crop", 0), r"field transform\.crop must be a whole number"),
+        (_set("transform", "resize", 16), r"transform\.crop \(32\) must not exceed transform\.resize \(16\)"),
+        (_set("transform", "mean", [0.5, 0.5]), r"field transform\.mean must be three finite numbers"),
+        (_set("transform", "std", [0.5, 0.0, 0.5]), r"field transform\.std must be three finite positive"),
+        (
+            _set("transform", "std", [0.5, float("nan"), 0.5]),
+            r"field transform\.std must be three finite positive",
+        ),
+        (_set("transform", "interpolation", "lanczos"), r"field transform\.interpolation must be one of"),
+        (_set("input", "shape", ["batch", 3, 64, 64]), r"field input is .*but the transform.* make it"),
+        (_crop(16), r"the graph's input 'images' has shape \['batch', 3, 32, 32\], but its description says"),
+        (
+            _set("thresholds", "locked", 1.5),
+            r"field thresholds: 'locked' needs a number in \[0, 1\], got 1\.5",
+        ),
+        (
+            _set("thresholds", "locked", float("nan")),
+            r"field thresholds: 'locked' needs a number in \[0, 1\]",
+        ),
+        (_set("thresholds", {}), r"field thresholds must give each binary and multilabel task"),
+        (_set("flow", "tasks", "label", "kind", "ranking"), r"field flow: task 'label': kind 'ranking'"),
+        (_set("tasks", "label", "classes", ["a", "b", "z"]), r"field tasks is .*but the .*flow make it"),
+        (_set("golden", "atol", 0), r"field golden\.atol must be a finite positive number, got 0"),
+        (
+            _set("golden", "atol", float("inf")),
+            r"field golden\.atol must be a finite positive number, got inf",
+        ),
+        (_set("golden", "atol", "0.0001"), r"field golden\.atol must be a finite positive number"),
+        (
+            _set("golden", "count", 5),
+            r"golden\.safetensors: 'input' is .*but model\.json says 5 golden input",
+        ),
+    ],
+    ids=[
+        "huge-resize",
+        "fractional-resize",
+        "zero-crop",
+        "crop-over-resize",
+        "two-means",
+        "zero-std",
+        "nan-std",
+        "unknown-interpolation",
+        "input-shape",
+        "crop-not-the-graphs",
+        "threshold-above-1",
+        "nan-threshold",
+        "thresholds-missing",
+        "unknown-kind",
+        "tasks-not-the-flows",
+        "zero-atol",
+        "infinite-atol",
+        "string-atol",
+        "golden-count",
+    ],
+)
+def test_an_edited_model_json_with_recomputed_sums_is_refused_naming_the_field(full, tmp_path, edit, message):
+    b = _edited(full, tmp_path / "b", edit)
+    with pytest.raises(BundleError, match=message) as e:
+        Predictor.load(b)
+    assert str(e.value).startswith(f"bundle {b}")
+    assert "Re-export it from its run" in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_bundle_without_sha256sums_is_refused_by_predict_py_and_every_loader(
+    full, other, tmp_path, image_files
+):
+    from conftest import ROOT, run_script
+
+    from headstart.loading import load_model
+
+    b = _copy(full, tmp_path / "b")
+    (b / "model.onnx").write_bytes((other[1] / "model.onnx").read_bytes())  # another model's graph
+    (b / "SHA256SUMS").unlink()
+    for load in (Predictor.load, load_model):  # load_model: what evaluate.py and predict.py open models with
+        with pytest.raises(BundleError, match="cannot be verified: it has no SHA256SUMS"):
+            load(b)
+    result = run_script(
+        [
+            "predict.py",
+            f"model={b}",
+            f"inputs={image_files[0]}",
+            f"paths.root_dir={tmp_path}",
+            "num_workers=0",
+        ],
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"headstart: error: {b} cannot be verified: it has no SHA256SUMS" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "outputs").rglob("predictions.*"))
+
+
+def test_predict_py_runs_a_head_update_on_its_base(head_update, full, image_files):
+    from headstart.loading import load_model
+
+    loaded = load_model(head_update, base=full, threads=1)
+    expected = Predictor.load(head_update, base=full, threads=1)
+    x = expected.preprocess(image_files)
+    for task, logits in expected(x).items():
+        torch.testing.assert_close(loaded.runner(torch.from_numpy(x))[task], logits, rtol=0, atol=0)
+    assert loaded.kind == "bundle" and loaded.flow.thresholds == expected.flow.thresholds
+    with pytest.raises(BundleError, match="load it on top of its base bundle"):
+        load_model(head_update)
+
+
+def _run_dir(model: HeadstartModel, graph: Path, dest: Path) -> Path:
+    """A run directory as training leaves it: checkpoints/best.ckpt (weights_only) and model.onnx beside it."""
+    (dest / "checkpoints").mkdir(parents=True)
+    hparams = {**dict(model.hparams), "flow": model.flow.to_spec()}
+    torch.save(
+        {"hyper_parameters": hparams, "state_dict": model.state_dict()}, dest / "checkpoints" / "best.ckpt"
+    )
+    shutil.copyfile(graph, dest / "model.onnx")
+    return dest
+
+
+def test_a_run_directorys_model_onnx_must_reproduce_its_checkpoint(model, full, other, tmp_path, x):
+    from headstart.errors import ExportError
+    from headstart.loading import load_model
+
+    good = load_model(_run_dir(model, full / "model.onnx", tmp_path / "good"), threads=1)
+    assert good.kind == "onnx" and good.source == str(tmp_path / "good" / "model.onnx")
+    expected = _torch_logits(model, x)
+    for task, logits in good.runner(x).items():
+        torch.testing.assert_close(logits, expected[task], rtol=0, atol=1e-4)
+
+    # another model's weights inside, with this model's description: only running it against the checkpoint tells
+    swapped = tmp_path / "swapped"
+    _run_dir(model, full / "model.onnx", swapped)
+    _embed_description(other[1] / "model.onnx", full / "model.json", swapped / "model.onnx")
+    with pytest.raises(ExportError) as e:
+        load_model(swapped, threads=1)
+    message = str(e.value)
+    assert message.startswith(
+        f"{swapped / 'model.onnx'} does not reproduce {swapped / 'checkpoints' / 'best.ckpt'}"
+    )
+    assert "on 4 fixed inputs" in message and "delete it" in message and "runtime=pytorch" in message
+    assert load_model(swapped, runtime="pytorch").kind == "checkpoint"  # the way out works
+
+    # this model's weights, with the classes renamed in its description
+    renamed = tmp_path / "renamed"
+    _run_dir(model, full / "model.onnx", renamed)
+    desc = json.loads((full / "model.json").read_text())
+    desc["flow"]["tasks"]["label"]["classes"] = desc["tasks"]["label"]["classes"] = ["c", "b", "a"]
+    (tmp_path / "renamed.json").write_text(json.dumps(desc))
+    _embed_description(full / "model.onnx", tmp_path / "renamed.json", renamed / "model.onnx")
+    with pytest.raises(
+        ExportError, match=r"describes another model than .*best\.ckpt: they differ in flow, tasks"
+    ):
+        load_model(renamed, threads=1)
+
+
+def test_a_run_directory_without_checkpoints_runs_its_verified_bundle(full, other, tmp_path, pixels):
+    from headstart.loading import load_model
+
+    run = tmp_path / "run"
+    _copy(full, run / "bundle")
+    shutil.copyfile(other[1] / "model.onnx", run / "model.onnx")  # nothing to check this one against
+    loaded = load_model(run, threads=1)
+    assert loaded.kind == "bundle"
+    x = Predictor.load(full, threads=1).preprocess(pixels)
+    for task, logits in Predictor.load(full, threads=1)(x).items():
+        torch.testing.assert_close(loaded.runner(x)[task], logits, rtol=0, atol=0)
+    _flip_byte(run / "bundle" / "model.onnx")
+    with pytest.raises(BundleError, match=r"model\.onnx does not match its sha256"):
+        load_model(run)
+
+
+def test_a_lone_onnx_file_is_checked_against_its_own_description(full, head_update, tmp_path):
+    from headstart.errors import ConfigError
+    from headstart.loading import load_model
+
+    desc = json.loads((full / "model.json").read_text())
+    desc["transform"]["resize"] = 1_000_000
+    (tmp_path / "huge.json").write_text(json.dumps(desc))
+    _embed_description(full / "model.onnx", tmp_path / "huge.json", tmp_path / "huge.onnx")
+    with pytest.raises(
+        BundleError, match=r"huge\.onnx: field transform\.resize must be a whole number of pixels"
+    ):
+        load_model(tmp_path / "huge.onnx")
+    desc = json.loads((full / "model.json").read_text())
+    desc["tasks"]["label"]["classes"] = desc["flow"]["tasks"]["label"]["classes"] = ["a", "b", "c", "d"]
+    (tmp_path / "four.json").write_text(json.dumps(desc))
+    _embed_description(full / "model.onnx", tmp_path / "four.json", tmp_path / "four.onnx")
+    with pytest.raises(
+        BundleError, match=r"output 'logits/label' has shape \['batch', 3\], but task 'label'"
+    ):
+        load_model(tmp_path / "four.onnx")
+    with pytest.raises(ConfigError, match="graph of a head update"):
+        load_model(head_update / "head.onnx")
+    assert load_model(full / "model.onnx", threads=1).kind == "onnx"  # the untouched file loads
+
+
+# ---- 8. no images ---------------------------------------------------------------------------------------------------
+
+
+def test_no_images_give_empty_results(predictor, x):
+    assert predictor.predict([]) == [] and predictor.predict(()) == []
+    assert predictor.explain([]) == []
+    for logits in (predictor.logits([]), predictor.logits(x.numpy()[:0])):
+        assert {t: tuple(v.shape) for t, v in logits.items()} == {
+            "door_open": (0,),
+            "locked": (0,),
+            "label": (0, 3),
+        }
+        assert all(v.dtype == torch.float32 for v in logits.values())
+    assert decode(predictor.flow, predictor.logits([])) == []

@@ -221,12 +221,12 @@ def test_config_errors(tmp_path: Path) -> None:
         FolderDataModule(str(tmp_path), on_bad_image="ignore")
     with pytest.raises(ConfigError, match="balance"):
         FolderDataModule(str(tmp_path), balance="oversample")
-    make_tree(tmp_path, {"train": {"a": 2}})
+    make_tree(tmp_path, {"train": {"a": 2, "b": 1}})
     with pytest.raises(ConfigError, match="no input transform"):
         FolderDataModule(str(tmp_path)).setup()
     dm = FolderDataModule(str(tmp_path), transform=T16.to_dict(), num_workers=0)  # dict form works too
     dm.setup()
-    assert len(dm.table) == 2
+    assert len(dm.table) == 3
 
 
 def test_missing_root_error_shows_layout_and_hint(tmp_path: Path) -> None:

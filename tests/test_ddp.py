@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, compose_train, make_tree, run_script
+from omegaconf import OmegaConf
 from torch.utils.data import SequentialSampler
+from torchmetrics import Metric
 
 from headstart.data.features import RowBatchSampler
 from headstart.flow import FlowMetrics, TaskFlow
@@ -152,6 +154,38 @@ def test_ddp_taskflow_masked_metrics_match_one_process(tmp_path):
         0 < ddp["test/door_locked/count"] < ddp["test/camera_blocked/count"]
     )  # masked: only closed doors count
     single = _single_process_metrics(tmp_path, overrides, run / "checkpoints" / "best.ckpt")
-    # Every task's metrics and loss must match. The flow loss is not compared: it is a mean of per-batch sums of
-    # per-task means, which depends on how rows fall into batches, and the ranks batch differently.
-    _assert_same_evaluation(ddp, single, skip=("val/loss", "test/loss"))
+    # Every task's metrics and loss, and the flow loss (the monitored val/loss), although the ranks batch differently.
+    _assert_same_evaluation(ddp, single)
+
+
+def test_two_processes_sum_to_the_epoch_loss_of_one():
+    """What DDP makes of FlowMetrics: each rank's states, added. Ranks get every other row, in their own batches."""
+    spec = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "flow" / "security.yaml"))
+    flow = TaskFlow.from_spec(spec)
+    n, g = 90, torch.Generator().manual_seed(0)
+    logits = {p: torch.randn(n, t.num_outputs, generator=g).squeeze(-1) for p, t in flow.tasks.items()}
+    targets = {}
+    for path, task in flow.tasks.items():
+        shape = (n, len(task.classes)) if task.kind == "multilabel" else (n,)
+        high = len(task.classes) if task.kind == "multiclass" else 2
+        value = torch.randint(0, high, shape, generator=g).float()
+        value = value * 64 / high if task.kind == "bounded_regression" else value
+        targets[path] = torch.where(torch.rand(shape, generator=g) < 0.2, torch.nan, value)
+
+    def fed(rows: torch.Tensor, batch_size: int) -> FlowMetrics:
+        metrics = FlowMetrics(flow, flush_every=1)
+        for batch in rows.split(batch_size):
+            part = {p: v[batch] for p, v in logits.items()}, {p: v[batch] for p, v in targets.items()}
+            metrics.update(*part, flow.loss(*part)[1])
+        return metrics
+
+    one = fed(torch.arange(n), 32).compute()
+    ranks = [fed(torch.arange(r, n, 2), 4) for r in (0, 1)]
+    for mine, other in zip(ranks[0].modules(), ranks[1].modules(), strict=True):
+        if isinstance(mine, Metric):
+            mine.merge_state(other)
+    two = ranks[0].compute()
+    losses = [k for k in one if k == "loss" or k.endswith("/loss")]
+    assert len(losses) == len(flow.tasks) + 1
+    for key in losses:
+        assert two[key].item() == pytest.approx(one[key].item(), rel=1e-5), key

@@ -1,9 +1,19 @@
+import json
 import math
+import warnings
 
 import pytest
 import torch
 
-from headstart.flow import FlowHead, FlowMetrics, TaskFlow, UncertaintyWeighting
+from headstart.flow import (
+    FlowHead,
+    FlowMetrics,
+    NonFiniteError,
+    TaskFlow,
+    UncertaintyWeighting,
+    decision_scores,
+)
+from headstart.flow.flow import best_f1_threshold
 from headstart.flow.tasks import FlowSpecError
 
 
@@ -78,15 +88,16 @@ def test_bad_specs_name_the_problem(spec, message):
         TaskFlow.from_spec(spec)
 
 
-def test_epoch_loss_is_the_row_weighted_mean_of_batch_losses():
+def test_epoch_loss_is_the_loss_over_all_labelled_rows_however_they_were_batched():
     flow = _flow()
+    logits = {"label": torch.randn(5, 3)}
+    targets = {"label": torch.tensor([0.0, 2.0, float("nan"), float("nan"), 1.0])}
+    whole, _ = flow.loss(logits, targets)
     metrics = FlowMetrics(flow)
-    metrics.update({"label": torch.randn(4, 3)}, {"label": torch.zeros(4)}, {"loss": torch.tensor(1.0)})
-    metrics.update({"label": torch.randn(1, 3)}, {"label": torch.zeros(1)}, {"loss": torch.tensor(6.0)})
-    assert metrics.compute()["loss"].item() == pytest.approx((4 * 1.0 + 1 * 6.0) / 5)
-    metrics.reset()
-    metrics.update({"label": torch.randn(2, 3)}, {"label": torch.zeros(2)}, {"loss": torch.tensor(3.0)})
-    assert metrics.compute()["loss"].item() == pytest.approx(3.0)
+    for rows in ([0, 2, 3], [1, 4]):  # 1 and 2 labelled rows: a mean by batch size would weigh them 3 : 2
+        part = {"label": logits["label"][rows]}, {"label": targets["label"][rows]}
+        metrics.update(*part, flow.loss(*part)[1])
+    assert metrics.compute()["loss"].item() == pytest.approx(whole.item(), rel=1e-6)
 
 
 # ---- conditional flows -------------------------------------------------------------------------------------------
@@ -319,15 +330,15 @@ def test_tuned_thresholds_survive_save_and_load_and_change_the_gates():
     }
     assert flow.predict(logits)["y"]["applicable"].tolist() == [True, False, False, False]
     tuned = flow.tune_thresholds(logits, targets)
-    # x: any t in [0.2, 0.345) separates perfectly; the grid point nearest 0.5 is 0.34. m.a: [0.705, 0.9) -> 0.71.
-    # y: both applicable rows are positive at p = 0.5, so the nearest threshold below 0.5; "never" and m.b have no
-    # applicable label and keep their default.
-    assert tuned == {"x": 0.34, "y": 0.49, "never": 0.5, "m": [0.71, 0.5]}
+    # x: any t in [0.2, 0.345) separates perfectly: its midpoint. m.a: [0.705, 0.9) -> its midpoint. y: both
+    # applicable rows are positive at p = 0.5, so the midpoint of [0, 0.5); "never" and m.b have no applicable
+    # label and keep their default.
+    assert tuned == {"x": 0.2725, "y": 0.25, "never": 0.5, "m": [0.8025, 0.5]}
     assert flow.thresholds == tuned
     assert flow.predict(logits)["y"]["applicable"].tolist() == [True, True, False, False]
 
     spec = flow.to_spec()
-    assert spec["thresholds"] == {"x": 0.34, "y": 0.49, "m": [0.71, 0.5]}
+    assert spec["thresholds"] == {"x": 0.2725, "y": 0.25, "m": [0.8025, 0.5]}
     loaded = TaskFlow.from_spec(spec)
     assert loaded.thresholds == tuned
     assert loaded.predict(logits)["y"]["applicable"].tolist() == [True, True, False, False]
@@ -564,3 +575,248 @@ def test_tree_puts_each_task_under_the_one_its_condition_asks_last():
         "      who.shirt  multiclass [red, blue]  given person",
         "    both  multilabel [a, b]  given open & ~blocked",
     ]
+
+
+# ---- epoch losses, absent and non-finite metrics -------------------------------------------------------------------
+
+
+def _weighted_security() -> TaskFlow:
+    return TaskFlow.from_spec(
+        {
+            "tasks": {
+                "camera_blocked": {"kind": "binary", "weight": 2.0},
+                "door_open": {"kind": "binary", "given": "~camera_blocked"},
+                "door_locked": {"kind": "binary", "given": "~door_open"},
+                "person_present": {"kind": "binary", "given": "door_open", "weight": 0.5},
+                "person": {
+                    "given": "person_present",
+                    "tasks": {
+                        "face_x1": {"kind": "bounded_regression", "scale": 64},
+                        "shirt": {"kind": "multiclass", "classes": ["blue", "red", "yellow"], "weight": 3.0},
+                        "colour": {"kind": "multilabel", "classes": ["red", "green"]},
+                    },
+                },
+            }
+        }
+    )
+
+
+def _security_rows(flow: TaskFlow, n: int, seed: int = 0) -> tuple[dict, dict]:
+    """Random logits and partial labels; door_locked is never labelled, so it applies nowhere."""
+    g = torch.Generator().manual_seed(seed)
+
+    def some(values: torch.Tensor, missing: float = 0.2) -> torch.Tensor:
+        gone = torch.rand(values.shape, generator=g) < missing
+        return torch.where(gone, torch.full_like(values, NAN), values)
+
+    binary = lambda: some(torch.randint(0, 2, (n,), generator=g).float())  # noqa: E731
+    targets = {
+        "camera_blocked": binary(),
+        "door_open": binary(),
+        "door_locked": torch.full((n,), NAN),
+        "person_present": binary(),
+        "person.face_x1": some(torch.rand(n, generator=g) * 64),
+        "person.shirt": some(torch.randint(0, 3, (n,), generator=g).float()),
+        "person.colour": some(torch.randint(0, 2, (n, 2), generator=g).float(), 0.3),
+    }
+    logits = {
+        p: torch.randn((n, t.num_outputs) if t.num_outputs > 1 else (n,), generator=g) * 2
+        for p, t in flow.tasks.items()
+    }
+    return logits, targets
+
+
+def _epoch_values(flow, logits, targets, order, batch_size, class_weights=None, weighting=None) -> dict:
+    metrics = FlowMetrics(flow)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        part = {p: v[rows] for p, v in logits.items()}, {p: v[rows] for p, v in targets.items()}
+        _, per_task = flow.loss(*part, class_weights, weighting=weighting)
+        metrics.update(*part, per_task, class_weights=class_weights, weighting=weighting)
+    return {k: v.item() for k, v in metrics.compute().items()}
+
+
+@pytest.mark.parametrize("weighted", ["static", "uncertainty"])
+def test_epoch_loss_does_not_depend_on_the_batch_size(weighted):
+    flow = _weighted_security()
+    logits, targets = _security_rows(flow, 150)
+    class_weights = {"person.shirt": torch.tensor([1.0, 3.0, 0.5]), "camera_blocked": torch.tensor(2.0)}
+    weighting = None
+    if weighted == "uncertainty":
+        weighting = UncertaintyWeighting(flow.leaf_paths)
+        with torch.no_grad():
+            for i, path in enumerate(flow.leaf_paths):
+                weighting.log_var(path).fill_(0.3 * i - 1.0)
+    # The flow loss over all rows at once: each task's loss over the rows where it applies, combined.
+    whole, per_task = flow.loss(logits, targets, class_weights, weighting=weighting)
+    order = torch.randperm(150, generator=torch.Generator().manual_seed(1))
+    for batch_size in (7, 64, 150):
+        values = _epoch_values(flow, logits, targets, order, batch_size, class_weights, weighting)
+        assert values["loss"] == pytest.approx(whole.item(), rel=1e-5), batch_size
+        for path in flow.leaf_paths:
+            if path == "door_locked":  # applies nowhere: no loss of its own, nothing added
+                assert values["door_locked/count"] == 0 and "door_locked/loss" not in values
+            else:
+                assert values[f"{path}/loss"] == pytest.approx(per_task[path].item(), rel=1e-5), (
+                    batch_size,
+                    path,
+                )
+
+
+def test_a_task_that_applies_to_no_row_reports_its_count_and_nothing_else():
+    flow = TaskFlow.from_spec({"tasks": {"x": {"kind": "binary"}, "y": {"kind": "binary", "given": "x"}}})
+    metrics = FlowMetrics(flow)
+    logits = {"x": _t(-5, -5, -5), "y": _t(5, 5, 5)}
+    targets = {"x": _t(0, 0, 0), "y": _t(NAN, NAN, NAN)}  # x false everywhere: y applies nowhere
+    metrics.update(logits, targets, flow.loss(logits, targets)[1])
+    out = {k: v.item() for k, v in metrics.compute().items()}
+    assert out["y/count"] == 0
+    assert sorted(k for k in out if k.startswith("y/")) == ["y/count"]  # no e2e_acc of 1.0, no loss, no score
+    assert out["x/e2e_acc"] == 1.0 and out["x/acc"] == 1.0
+    assert out["loss"] == pytest.approx(flow.loss(logits, targets)[0].item())
+
+
+def test_nothing_applies_anywhere_gives_no_loss():
+    flow = _flow()
+    metrics = FlowMetrics(flow)
+    logits, targets = {"label": torch.randn(3, 3)}, {"label": torch.full((3,), NAN)}
+    metrics.update(logits, targets, flow.loss(logits, targets)[1])
+    assert metrics.compute() == {"label/count": 0}
+
+
+def test_a_nan_loss_or_nan_logits_are_reported_as_nan_never_as_zero():
+    flow = TaskFlow.from_spec({"tasks": {"x": {"kind": "binary"}, "m": {"kind": "multiclass", "classes": 3}}})
+    metrics = FlowMetrics(flow)
+    good = {"x": _t(3, -3), "m": torch.tensor([[3.0, 0, 0], [0, 3.0, 0]])}
+    targets = {"x": _t(1, 0), "m": _t(0, 1)}
+    metrics.update(good, targets, flow.loss(good, targets)[1])
+    bad = {"x": _t(NAN, 3), "m": torch.tensor([[3.0, 0, 0], [0, 3.0, 0]])}  # one diverged logit of x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "nan dropped" warning either: nothing is dropped
+        metrics.update(bad, targets, flow.loss(bad, targets)[1])
+        out = {k: v.item() for k, v in metrics.compute().items()}
+    assert math.isnan(out["loss"]) and math.isnan(out["x/loss"])
+    for name in ("acc", "precision", "recall", "f1", "e2e_acc"):
+        assert math.isnan(out[f"x/{name}"]), name
+    assert out["x/count"] == 4  # counts stay counts
+    assert out["m/acc"] == 1.0 and out["m/loss"] == pytest.approx(flow.loss(good, targets)[1]["m"].item())
+
+
+# ---- thresholds ----------------------------------------------------------------------------------------------------
+
+
+def _binary() -> TaskFlow:
+    return TaskFlow.from_spec({"tasks": {"x": {"kind": "binary"}}})
+
+
+def _best_f1(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """The best F1 any threshold in [0, 1] can reach under `scores > t` (brute force over the scores)."""
+    return max(_f1(scores > c, positive) for c in [0.0, *scores.tolist()])
+
+
+def _f1(decided: torch.Tensor, positive: torch.Tensor) -> float:
+    tp, fp, fn = (
+        int((decided & positive).sum()),
+        int((decided & ~positive).sum()),
+        int((~decided & positive).sum()),
+    )
+    return 1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def test_a_tuned_threshold_lies_between_two_scores_and_decides_as_tuning_scored():
+    flow = _binary()
+    logits, targets = {"x": torch.tensor([_logit(p) for p in (0.1, 0.3, 0.7)])}, {"x": _t(0, 1, 1)}
+    flow.tune_thresholds(logits, targets)
+    t = flow.thresholds["x"]
+    scores = decision_scores(logits["x"])
+    assert float(scores[0]) < t < float(scores[1])
+    assert flow.predict(logits)["x"]["value"].tolist() == [0.0, 1.0, 1.0]  # F1 1, as tuning scored it
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tuned_thresholds_reach_the_best_f1_and_sit_on_no_score(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 60
+    scores = (torch.rand(n, generator=g) * 20).round() / 20  # many ties
+    positive = torch.rand(n, generator=g) < scores  # mostly, not always, separable
+    t = best_f1_threshold(scores, positive)
+    decided = scores > torch.tensor(t, dtype=torch.float32)
+    assert _f1(decided, positive) == _best_f1(scores, positive)
+    assert not bool((scores == torch.tensor(t, dtype=torch.float32)).any())
+    # The same decisions from the flow's own rule, on logits giving those scores.
+    flow = _binary()
+    flow.thresholds["x"] = t
+    logits = torch.logit(scores.double().clamp(1e-6, 1 - 1e-6)).float()
+    assert torch.equal(flow.tasks["x"].decode(logits, t), decision_scores(logits) > torch.tensor(t))
+
+
+def _f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+@pytest.mark.parametrize(
+    "scores, positive, decided",
+    [
+        ([0.6, 0.7, 0.9], [1, 1, 1], [1, 1, 1]),  # one class: all found
+        ([0.1, 0.2, 0.95], [0, 0, 0], [0, 0, 0]),  # no positives: nothing found
+        ([0.4, 0.4, 0.4], [1, 0, 1], [1, 1, 1]),  # one distinct score
+        ([0.0, 0.5], [1, 1], [0, 1]),  # a score of exactly 0 is never above a threshold
+        ([1.0, 1.0], [0, 0], [0, 0]),  # nor is one of exactly 1
+        (
+            [0.1, 0.3, 0.7, 0.9],
+            [1, 0, 0, 1],
+            [0, 0, 0, 1],
+        ),  # equal F1 below and above: the interval nearer 0.5
+    ],
+)
+def test_threshold_edge_cases(scores, positive, decided):
+    scores_t = torch.tensor(scores)
+    t = best_f1_threshold(scores_t, torch.tensor(positive).bool())
+    assert (scores_t > torch.tensor(t, dtype=torch.float32)).long().tolist() == decided
+    assert 0.0 <= t <= 1.0 and t not in {_f32(s) for s in scores if 0 < s < 1}
+
+
+def test_adjacent_float32_scores_are_still_separated():
+    low = torch.tensor(0.123456, dtype=torch.float32)
+    high = torch.nextafter(low, torch.tensor(1.0))  # nothing lies strictly between them
+    t = best_f1_threshold(torch.stack([low, high]), torch.tensor([False, True]))
+    assert torch.tensor(t, dtype=torch.float32) == low  # the lower one: "no" under >
+    assert (torch.stack([low, high]) > torch.tensor(t, dtype=torch.float32)).tolist() == [False, True]
+
+
+def test_nan_scores_refuse_to_tune_and_name_the_task():
+    flow = TaskFlow.from_spec({"tasks": {"m": {"kind": "multilabel", "classes": ["a", "b"]}}})
+    logits = {"m": torch.tensor([[1.0, NAN], [-1.0, 2.0]])}
+    with pytest.raises(NonFiniteError, match=r"task 'm\[b\]': 1 of 2 scores are NaN"):
+        flow.tune_thresholds(logits, {"m": torch.tensor([[1.0, 0.0], [0.0, 1.0]])})
+
+
+def test_tuned_thresholds_round_trip_through_json_exactly():
+    flow = TaskFlow.from_spec(
+        {"tasks": {"x": {"kind": "binary"}, "m": {"kind": "multilabel", "classes": ["a", "b", "c"]}}}
+    )
+    g = torch.Generator().manual_seed(0)
+    logits = {"x": torch.randn(200, generator=g) * 3, "m": torch.randn(200, 3, generator=g) * 3}
+    targets = {
+        "x": (torch.rand(200, generator=g) > 0.5).float(),
+        "m": (torch.rand(200, 3, generator=g) > 0.4).float(),
+    }
+    flow.tune_thresholds(logits, targets)
+    loaded = TaskFlow.from_spec(json.loads(json.dumps(flow.to_spec())))
+    assert loaded.thresholds == flow.thresholds
+    for path in ("x", "m"):
+        assert torch.equal(loaded.predict(logits)[path]["value"], flow.predict(logits)[path]["value"])
+
+
+def test_one_decision_rule_whatever_the_batch_position_or_logit_dtype():
+    task = _binary().tasks["x"]
+    z = torch.randn(4099, generator=torch.Generator().manual_seed(0)) * 5
+    whole = decision_scores(z)
+    one_by_one = torch.cat([decision_scores(z[i : i + 1].clone()) for i in range(len(z))])
+    assert torch.equal(whole, one_by_one)  # torch's float32 sigmoid differs by an ulp between these
+    # float64 (and half-precision) logits decide as the same logits taken as float32, at a float32 threshold
+    near = torch.logit(torch.tensor(0.3, dtype=torch.float64)) + torch.linspace(
+        -1e-6, 1e-6, 2001, dtype=torch.float64
+    )
+    assert torch.equal(task.decode(near, 0.3), task.decode(near.float(), 0.3))
+    assert torch.equal(task.decode(z.bfloat16(), 0.3), task.decode(z.bfloat16().float(), 0.3))

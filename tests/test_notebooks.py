@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -37,14 +38,30 @@ def test_notebook_is_stored_without_outputs(path: Path):
     )
 
 
+# What the notebooks write under the repository when run as the README says (no HEADSTART_ROOT)
+WRITTEN = ("outputs", "multirun", "dof", "data")
+
+
+@pytest.fixture
+def repository_outputs(monkeypatch: pytest.MonkeyPatch):
+    """Run as a user runs Jupyter: no HEADSTART_ROOT, so data, runs and DoF sets land in the repository's own
+    folders; afterwards everything the test added there is removed again (what was there before stays)."""
+    monkeypatch.delenv("HEADSTART_ROOT", raising=False)
+    before = {p for top in WRITTEN for p in [ROOT / top, *(ROOT / top).glob("**/*")] if p.exists()}
+    yield before
+    for top in WRITTEN:
+        for p in sorted([ROOT / top, *(ROOT / top).glob("**/*")], key=lambda p: len(p.parts)):
+            if p not in before and p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_notebook_runs_top_to_bottom(path: Path, repository_outputs: set[Path]):
     if path.stem in NEEDS:
         shared_data(NEEDS[path.stem])
-    monkeypatch.setenv("HEADSTART_ROOT", str(tmp_path))  # the notebook's data, runs and DoF sets land here
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
+    client = NotebookClient(  # the kernel runs in notebooks/, as `jupyter lab notebooks/` starts it
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     )
     client.execute()  # raises CellExecutionError, with the cell and its traceback, on the first failing cell
@@ -53,7 +70,9 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: py
     assert all(c.execution_count for c in code), "every code cell ran"
     figures = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
     assert figures >= FIGURES[path.stem]
-    assert any((tmp_path / "outputs").rglob("metrics.json")), "the notebook trained or evaluated a model"
+    written = set((ROOT / "outputs").rglob("metrics.json")) - repository_outputs
+    assert written, "the notebook trained or evaluated a model"
+    assert not any((path.parent / top).exists() for top in WRITTEN), "nothing is written beside the notebooks"
 
 
 # ---- headstart.notebook.run: the scripts as on the command line ---------------------------------------------------

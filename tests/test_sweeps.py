@@ -3,12 +3,11 @@ submitit (local; SLURM configured), and the sweep summary with the best job as a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, compose_train, make_tree, run_script
+from conftest import ROOT, compose_train, fake_job, make_tree, run_script
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -49,30 +48,16 @@ def _compose_experiment(experiment_file: Path, tmp_path: Path, extra: list[str] 
 # --- the best job as an experiment file (no plugin needed) ----------------------------------------------------
 
 
-def _fake_job(job: Path, tmp_path: Path, overrides: list[str], metrics: dict) -> None:
-    """A job directory as Hydra leaves it: .hydra/{config,hydra,overrides}.yaml, plus the run's metrics.json."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    (job / ".hydra").mkdir(parents=True)
-    hydra_node = OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra, resolve=False)})
-    OmegaConf.save(hydra_node, job / ".hydra" / "hydra.yaml")
-    config = OmegaConf.to_container(cfg, resolve=False)
-    del config["hydra"]
-    OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
-    (job / "metrics.json").write_text(json.dumps(metrics))
-
-
 def test_best_experiment_reproduces_the_best_jobs_groups_and_values(tmp_path):
     sweep = tmp_path / "sweep"
     common = ["experiment=digits", f"paths.root_dir={tmp_path}", "data.num_workers=0"]
-    _fake_job(
+    fake_job(
         sweep / "0",
         tmp_path,
         [*common, "optimizer=sgd", "optimizer.lr=0.05", "model.hidden=[32,16]", "model.dropout=0.25"],
         {"val/loss": 0.5, "val/label/acc": 0.9},
     )
-    _fake_job(
+    fake_job(
         sweep / "1",
         tmp_path,
         [*common, "optimizer=adamw", "optimizer.lr=0.5", "model.hidden=[]", "model.dropout=0.0"],
@@ -96,8 +81,8 @@ def test_best_experiment_reproduces_the_best_jobs_groups_and_values(tmp_path):
 def test_best_experiment_skips_failed_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     common = ["experiment=digits", f"paths.root_dir={tmp_path}"]
-    _fake_job(sweep / "0", tmp_path, [*common, "optimizer.lr=0.1"], {})  # failed: no metrics
-    _fake_job(sweep / "1", tmp_path, [*common, "optimizer.lr=0.2"], {"val/loss": 1.0})
+    fake_job(sweep / "0", tmp_path, [*common, "optimizer.lr=0.1"], {})  # failed: no metrics
+    fake_job(sweep / "1", tmp_path, [*common, "optimizer.lr=0.2"], {"val/loss": 1.0})
     summarize_sweep(sweep)
     assert "lr: 0.2" in (sweep / BEST_EXPERIMENT).read_text()
     assert "(job 1, val/loss = 1)" in best_experiment_text(sweep / "1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -12,8 +13,12 @@ from conftest import ROOT, compose_train, make_image, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from headstart import Predictor
+from headstart.errors import DivergedError
+from headstart.evaluation import run_split
+from headstart.flow import decision_scores
+from headstart.loading import load_model, model_datamodule
 from headstart.model import HeadstartModel
-from headstart.thresholds import store_flow_in_checkpoint
+from headstart.thresholds import store_flow_in_checkpoint, tune_on_validation
 from headstart.training import train
 
 
@@ -81,6 +86,35 @@ def test_security_checkpoint_carries_the_flow_and_its_thresholds(security_run, t
     after = reloaded.flow.predict(reloaded(x))["camera_blocked"]["value"]
     assert after.sum() == 0 and spec != reloaded.flow.to_spec()
     assert reloaded.flow.thresholds["camera_blocked"] == pytest.approx(float(probs.max()) + 1e-3)
+
+
+@pytest.mark.slow
+def test_security_thresholds_decide_validation_as_tuning_scored(security_run):
+    loaded = load_model(security_run / "checkpoints" / "best.ckpt", runtime="pytorch")
+    val = run_split(loaded, model_datamodule(None, loaded, "val"), "val")
+    reported = json.loads((security_run / "metrics.json").read_text())
+    masks = loaded.flow.masks(val.targets)
+    for path, task in loaded.flow.tasks.items():
+        if task.kind != "binary":
+            continue
+        scores = decision_scores(val.logits[path][masks[path]])
+        positive = val.targets[path][masks[path]] > 0.5
+        threshold = torch.tensor(loaded.flow.thresholds[path], dtype=torch.float32)
+        assert not bool((scores == threshold).any()), path  # between two scores, never on one
+        decided = scores > threshold
+        tp, fp = int((decided & positive).sum()), int((decided & ~positive).sum())
+        f1 = 2 * tp / max(2 * tp + fp + int((~decided & positive).sum()), 1)
+        assert f1 == pytest.approx(_best_f1_of(scores, positive)), path  # the best any threshold reaches ...
+        assert reported[f"val/{path}/f1"] == pytest.approx(f1), path  # ... and what validation reported
+
+
+def _best_f1_of(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    best = 0.0
+    for cut in [0.0, *scores.tolist()]:  # thresholds lie in [0, 1]
+        decided = scores > cut
+        tp, fp = int((decided & positive).sum()), int((decided & ~positive).sum())
+        best = max(best, 2 * tp / max(2 * tp + fp + int((~decided & positive).sum()), 1))
+    return best
 
 
 def test_a_users_own_flow_and_table_train_with_the_security_experiment(tmp_path):
@@ -161,7 +195,8 @@ def test_uncertainty_weighting_is_selected_from_config_and_learns_task_weights(t
     rows = ["path,big,colour"]
     for i in range(24):
         make_image(tmp_path / "img" / f"{i}.png", seed=i)
-        rows.append(f"img/{i}.png,{i % 2},{['red', 'green'][i % 3 % 2]}")
+        colour = ["red", "green"][i % 3 % 2] if i % 4 else ""  # every 4th colour unlabelled
+        rows.append(f"img/{i}.png,{i % 2},{colour}")
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     flow = "{tasks: {big: {kind: binary}, colour: {kind: multiclass, classes: [red, green]}}}"
     cfg = compose_train(
@@ -171,13 +206,24 @@ def test_uncertainty_weighting_is_selected_from_config_and_learns_task_weights(t
             f"+flow={flow}",
             "model.loss_weighting=uncertainty",
             "trainer.max_epochs=2",
+            "data.batch_size=2",
+            "data.val_fraction=0.25",
+            "export.onnx=false",
         ],
         tmp_path,
     )
     train(cfg)
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    state = torch.load(checkpoints / "last.ckpt", weights_only=True)["state_dict"]
     log_vars = {k: v for k, v in state.items() if k.startswith("weighting.")}
     assert len(log_vars) == 2 and all(float(v) != 0.0 for v in log_vars.values())  # learned, from 0
+    # val/loss (validated with the best checkpoint, in batches of 2) is the weighting of each task's loss over all
+    # the validation rows where it applies: sum of exp(-s) * loss + s, however the rows were batched.
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    best = torch.load(checkpoints / "best.ckpt", weights_only=True)["state_dict"]
+    s = {task: float(best[f"weighting.log_vars.{task}"]) for task in ("big", "colour")}
+    expected = sum(math.exp(-s[t]) * metrics[f"val/{t}/loss"] + s[t] for t in s)
+    assert metrics["val/loss"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.slow
@@ -215,3 +261,20 @@ def test_evaluate_a_flow_model_writes_the_task_table_and_a_confusion_matrix_per_
     assert len(list((tmp_path / "gradcam").glob("*.png"))) == 2
     for copy in (tmp_path / "wrong").rglob("*.png"):  # wrong/<task>/<true>__as__<predicted>/
         assert copy.parent.parent.name in table["task"].tolist() and "__as__" in copy.parent.name
+
+
+def test_thresholds_are_not_tuned_on_nan_outputs():
+    model = HeadstartModel(
+        flow={"tasks": {"x": {"kind": "binary"}}},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True},
+        feature_dim=4,
+    )
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.fill_(float("nan"))  # a diverged model
+    batch = {"inputs": torch.randn(3, 4), "targets": {"x": torch.tensor([0.0, 1.0, 1.0])}}
+    with pytest.raises(
+        DivergedError, match=r"cannot be tuned on validation data: task 'x': 3 of 3 scores are NaN"
+    ):
+        tune_on_validation(model, [batch])
+    assert model.flow.thresholds == {"x": 0.5}

@@ -9,25 +9,43 @@ Nothing in a bundle is code or pickle.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import platform
+import re
 import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from headstart.errors import BundleError
-from headstart.export import DEFAULT_ATOL, check_parity, compare_outputs, export_head_onnx, export_onnx
+from headstart.errors import BundleError, ConfigError
+from headstart.export import (
+    DEFAULT_ATOL,
+    METADATA_KEY,
+    Wording,
+    check_parity,
+    compare_outputs,
+    export_head_onnx,
+    export_onnx,
+    first_line,
+)
+from headstart.flow import FlowSpecError, TaskFlow
 from headstart.model import HeadstartModel
-from headstart.runtime import FEATURES_NAME, HeadRunner, logits_name
+from headstart.runtime import FEATURES_NAME, INPUT_NAME, HeadRunner, OnnxRunner, logits_name
+from headstart.transforms import InputTransform
 
 FORMAT = "headstart-bundle"
 VERSION = "1.0"
@@ -36,6 +54,8 @@ SUMS = "SHA256SUMS"
 GOLDEN = "golden.safetensors"
 FULL_GRAPH = "model.onnx"
 HEAD_GRAPH = "head.onnx"
+KINDS = ("full", "head_update")
+RUNNING_FIELDS = ("kind", "input", "transform", "outputs", "flow", "tasks", "thresholds")
 _PACKAGES = ("headstart", "torch", "torchvision", "timm", "lightning", "onnx", "onnxruntime", "numpy")
 
 
@@ -59,6 +79,33 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def describe_running(flow: TaskFlow, transform: dict | None, kind: str, feature_dim: int) -> dict[str, Any]:
+    """The part of model.json that feeds, runs and decodes the graph (RUNNING_FIELDS): what must agree wherever a
+    description of the same model is found (model.json, the graph's own metadata, the checkpoint it came from)."""
+    full = kind == "full"
+    return {
+        "kind": kind,
+        "input": {
+            "name": INPUT_NAME if full else FEATURES_NAME,
+            "shape": ["batch", 3, transform["crop"], transform["crop"]]
+            if full
+            else ["batch", int(feature_dim)],
+            "dtype": "float32",
+        },
+        "transform": transform,
+        "outputs": {
+            **({"features": FEATURES_NAME} if full else {}),
+            "logits": {p: logits_name(p) for p in flow.leaf_paths},
+        },
+        "flow": flow.to_spec(),
+        "tasks": {
+            p: {"kind": t.kind, "classes": list(t.classes), "condition": flow.condition_text(p)}
+            for p, t in flow.tasks.items()
+        },
+        "thresholds": flow.state()["thresholds"],
+    }
+
+
 def describe_model(
     model: HeadstartModel,
     kind: str,
@@ -70,35 +117,17 @@ def describe_model(
     atol: float = DEFAULT_ATOL,
 ) -> dict[str, Any]:
     """model.json: everything needed to feed, run and decode the graph, and to trace it back to its run."""
-    flow = model.flow
     transform = model.input_transform.to_dict() if model.input_transform is not None else None
     backbone = dict(model.hparams.backbone or {})
-    graph = FULL_GRAPH if kind == "full" else HEAD_GRAPH
+    running = describe_running(model.flow, transform, kind, feature_dim)
     return {
         "format": FORMAT,
         "version": VERSION,
         "kind": kind,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "name": (config or {}).get("name"),
-        "graph": graph,
-        "input": {
-            "name": "images" if kind == "full" else FEATURES_NAME,
-            "shape": ["batch", 3, transform["crop"], transform["crop"]]
-            if kind == "full"
-            else ["batch", feature_dim],
-            "dtype": "float32",
-        },
-        "transform": transform,
-        "outputs": {
-            **({"features": FEATURES_NAME} if kind == "full" else {}),
-            "logits": {p: logits_name(p) for p in flow.leaf_paths},
-        },
-        "flow": flow.to_spec(),
-        "tasks": {
-            p: {"kind": t.kind, "classes": list(t.classes), "condition": flow.condition_text(p)}
-            for p, t in flow.tasks.items()
-        },
-        "thresholds": flow.state()["thresholds"],
+        "graph": FULL_GRAPH if kind == "full" else HEAD_GRAPH,
+        **{k: running[k] for k in RUNNING_FIELDS if k != "kind"},
         "backbone": {
             "name": backbone.get("name"),
             "weights": backbone.get("weights"),
@@ -242,7 +271,25 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-# ---- reading --------------------------------------------------------------------------------------------------------
+# ---- reading and verifying ------------------------------------------------------------------------------------------
+#
+# Every graph headstart runs passes verify_graph first: a bundle's (and a head update's base's) once its files match
+# SHA256SUMS, with its golden outputs as the reference; a run's model.onnx (or a fresh export of a checkpoint) with
+# that checkpoint's outputs as the reference; a lone .onnx file with no reference (docs/shipping.md says what that
+# leaves unchecked).
+
+BUNDLE_FIX = (
+    "The bundle is damaged or was edited after export; refusing it. Re-export it from its run (train.py writes "
+    "<run dir>/bundle) or download it again"
+)
+_MARKERS = (DESCRIPTION, SUMS, GOLDEN, HEAD_GRAPH)  # files only a bundle holds (a run directory holds none)
+_MAX_FEATURES = 1 << 20
+
+
+def is_bundle_folder(path: Path) -> bool:
+    """A folder holding any file of a bundle's own (model.json, SHA256SUMS, golden outputs, a head graph) is opened,
+    and verified, as a bundle, whatever else it holds."""
+    return path.is_dir() and any((path / name).is_file() for name in _MARKERS)
 
 
 def read_sums(folder: Path) -> dict[str, str]:
@@ -250,8 +297,9 @@ def read_sums(folder: Path) -> dict[str, str]:
     sums_file = folder / SUMS
     if not sums_file.is_file():
         raise BundleError(
-            f"{folder} is not a bundle: it has no {SUMS}. A bundle is the folder training writes to "
-            "<run dir>/bundle (or head_update); pass that folder"
+            f"{folder} cannot be verified: it has no {SUMS}, so nothing says its files are the ones exported. "
+            f"Refusing to run it. A bundle is the folder training writes to <run dir>/bundle (or head_update), "
+            f"{SUMS} included: re-export it or download it again"
         )
     sums: dict[str, str] = {}
     for n, line in enumerate(sums_file.read_text().splitlines(), 1):
@@ -266,7 +314,8 @@ def read_sums(folder: Path) -> dict[str, str]:
 
 
 def verify_bundle(folder: str | Path) -> dict[str, Any]:
-    """Check every file against SHA256SUMS and return model.json; BundleError naming the first problem."""
+    """Check every file against SHA256SUMS and model.json's fields (check_description) and return model.json;
+    BundleError naming the first problem. The graph itself is checked by verify_graph (see open_bundle)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BundleError(f"bundle {folder} does not exist (or is not a folder)")
@@ -285,26 +334,242 @@ def verify_bundle(folder: str | Path) -> dict[str, Any]:
                 f"bundle {folder}: {name} does not match its sha256 in {SUMS}: the file was changed or corrupted "
                 "after export. Refusing it; re-download or re-export the bundle"
             )
-    desc = json.loads((folder / DESCRIPTION).read_text())
-    if desc.get("format") != FORMAT or desc.get("kind") not in ("full", "head_update"):
-        raise BundleError(f"bundle {folder}: model.json is not a {FORMAT} description")
-    if str(desc.get("version", "")).split(".")[0] != VERSION.split(".")[0]:
-        raise BundleError(
-            f"bundle {folder} has format version {desc.get('version')}; this headstart reads {VERSION}. "
-            "Upgrade headstart or re-export the bundle"
-        )
-    graph = desc.get("graph")
-    if graph != (FULL_GRAPH if desc["kind"] == "full" else HEAD_GRAPH):
-        raise BundleError(
-            f"bundle {folder}: a {desc['kind']} bundle's graph must be named as such, not {graph!r}"
-        )
-    if graph not in sums:
-        raise BundleError(f"bundle {folder}: its graph {graph!r} is not listed in {SUMS}")
+    try:
+        desc = json.loads((folder / DESCRIPTION).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"bundle {folder}: {DESCRIPTION} is not JSON ({e}). {BUNDLE_FIX}") from None
+    check_description(desc, f"bundle {folder}: {DESCRIPTION}", BUNDLE_FIX)
+    if desc["graph"] not in sums:
+        raise BundleError(f"bundle {folder}: its graph {desc['graph']!r} is not listed in {SUMS}")
     return desc
 
 
-def read_golden(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / GOLDEN))
+def check_description(desc: Any, where: str, fix: str) -> TaskFlow:
+    """The flow of a model description (model.json, or the one inside an exported graph), thresholds loaded;
+    BundleError naming the first field, among those used to feed, run and decode the graph, that is missing, out of
+    range or disagrees with the others. `where` starts the message, `fix` ends it."""
+
+    def bad(problem: str) -> BundleError:
+        return BundleError(f"{where}: {problem}. {fix}")
+
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        raise bad(f"not a {FORMAT} description")
+    if str(desc.get("version", "")).split(".")[0] != VERSION.split(".")[0]:
+        raise BundleError(
+            f"{where} has format version {desc.get('version')!r}; this headstart reads {VERSION}. "
+            "Upgrade headstart or re-export the model"
+        )
+    kind = desc.get("kind")
+    if kind not in KINDS:
+        raise bad(f"field kind must be one of {', '.join(KINDS)}, got {_short(kind)}")
+    graph = FULL_GRAPH if kind == "full" else HEAD_GRAPH
+    if desc.get("graph") != graph:
+        raise bad(f"field graph: a {kind} model's graph is {graph!r}, not {_short(desc.get('graph'))}")
+    try:
+        flow = TaskFlow.from_spec(desc.get("flow"))
+    except FlowSpecError as e:
+        raise bad(f"field flow: {e}") from None
+    thresholds = desc.get("thresholds")
+    want = [p for p, t in flow.tasks.items() if t.has_threshold]
+    if not isinstance(thresholds, dict) or sorted(thresholds) != sorted(want):
+        raise bad(
+            f"field thresholds must give each binary and multilabel task ({', '.join(want) or 'none'}) its "
+            f"threshold, got {_short(thresholds)}"
+        )
+    try:
+        flow.load_state({"thresholds": thresholds})
+    except FlowSpecError as e:
+        raise bad(f"field {e}") from None
+    backbone = desc.get("backbone")
+    feature_dim = backbone.get("feature_dim") if isinstance(backbone, dict) else None
+    if not _whole(feature_dim, 1, _MAX_FEATURES):
+        raise bad(
+            f"field backbone.feature_dim must be a whole number in [1, {_MAX_FEATURES}], got {_short(feature_dim)}"
+        )
+    digest = backbone.get("weights_sha256")
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise bad(f"field backbone.weights_sha256 must be a sha256 (64 hex digits), got {_short(digest)}")
+    transform = desc.get("transform")
+    if kind == "full" or transform is not None:
+        try:
+            InputTransform.from_dict(transform)
+        except ConfigError as e:
+            raise bad(f"field {e}") from None
+    expected = describe_running(flow, transform, kind, feature_dim)
+    for field in ("input", "outputs", "tasks"):
+        if _plain(desc.get(field)) != _plain(expected[field]):
+            raise bad(
+                f"field {field} is {_short(desc.get(field))}, but the transform, backbone.feature_dim and flow "
+                f"make it {_short(expected[field])}"
+            )
+    golden = desc.get("golden")
+    if not isinstance(golden, dict) or golden.get("file") != GOLDEN:
+        raise bad(f"field golden.file must be {GOLDEN!r}, got {_short(golden)}")
+    if not _whole(golden.get("count"), 0, None):
+        raise bad(f"field golden.count must be a whole number >= 0, got {_short(golden.get('count'))}")
+    atol = golden.get("atol")
+    if not (isinstance(atol, Real) and not isinstance(atol, bool) and math.isfinite(atol) and atol > 0):
+        raise bad(f"field golden.atol must be a finite positive number, got {_short(atol)}")
+    return flow
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a graph must reproduce before it runs: inputs, the logits expected on them, how to word a failure."""
+
+    inputs: np.ndarray
+    logits: dict[str, torch.Tensor]
+    words: Wording
+
+
+def open_graph(
+    path: Path, desc: dict[str, Any], threads: int | None, where: str, fix: str
+) -> OnnxRunner | HeadRunner:
+    """An ONNX Runtime runner for the graph `desc` describes (images -> logits, or features -> logits for a head);
+    BundleError when ONNX Runtime cannot load the file."""
+    tasks = list(desc["tasks"])
+    try:
+        return (
+            OnnxRunner(path, tasks, threads) if desc["kind"] == "full" else HeadRunner(path, tasks, threads)
+        )
+    except Exception as e:  # onnxruntime raises its own exception types for a file it cannot load
+        raise BundleError(f"{where}: ONNX Runtime cannot load {path.name}: {first_line(e)}. {fix}") from None
+
+
+def verify_graph(
+    runner: OnnxRunner | HeadRunner,
+    desc: dict[str, Any],
+    where: str,
+    fix: str,
+    reference: Callable[[], Reference] | None = None,
+) -> None:
+    """The one check a graph passes before headstart runs it: its description is sane (check_description), the
+    graph's input and outputs are the ones described (names; the input's sizes agree with the transform; the logits
+    per task), the description embedded in the graph (when there is one) agrees with `desc` on everything used to
+    run it, and, given a `reference` (built only once all that passed), the graph reproduces it (within
+    golden.atol, every decision the same)."""
+
+    def bad(problem: str) -> BundleError:
+        return BundleError(f"{where}: {problem}. {fix}")
+
+    flow = check_description(desc, where, fix)
+    session = runner.session
+    declared = desc["input"]
+    inputs = session.get_inputs()
+    if [i.name for i in inputs] != [declared["name"]]:
+        raise bad(
+            f"the graph takes {[i.name for i in inputs]}, but its description says {declared['name']!r}"
+        )
+    shape, want = list(inputs[0].shape), declared["shape"]
+    if len(shape) != len(want) or any(
+        isinstance(g, int) and g != w for g, w in zip(shape[1:], want[1:], strict=True)
+    ):
+        raise bad(
+            f"the graph's input {declared['name']!r} has shape {shape}, but its description says {want}"
+        )
+    outputs = {o.name: list(o.shape) for o in session.get_outputs()}
+    if desc["kind"] == "full" and FEATURES_NAME not in outputs:
+        raise bad(f"the graph has no output {FEATURES_NAME!r}")
+    for path, task in flow.tasks.items():
+        name = logits_name(path)
+        if name not in outputs:
+            raise bad(f"the graph has no output {name!r} for task '{path}'")
+        dims = outputs[name][1:]
+        n = task.num_outputs
+        ok = (
+            dims in ([], [1]) if n == 1 else len(dims) == 1 and (not isinstance(dims[0], int) or dims[0] == n)
+        )
+        if not ok:
+            raise bad(
+                f"the graph's output {name!r} has shape {outputs[name]}, but task '{path}' ({task.kind}"
+                f"{' ' + str(list(task.classes)) if task.classes else ''}) needs {n} logit(s) per image"
+            )
+    embedded = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if embedded is not None:
+        try:
+            inner = json.loads(embedded)
+        except ValueError:
+            raise bad("the description inside the graph is not JSON") from None
+        if not isinstance(inner, dict):
+            raise bad("the description inside the graph is not a mapping")
+        differ = [f for f in RUNNING_FIELDS if _plain(inner.get(f)) != _plain(desc.get(f))]
+        if differ:
+            raise bad(f"the description inside the graph disagrees with this one on {', '.join(differ)}")
+    if reference is None:
+        return
+    expected = reference()
+    try:
+        got = runner(expected.inputs)
+    except Exception as e:  # onnxruntime's own error types: the graph cannot run on what it says it takes
+        raise bad(f"the graph fails on the inputs it is checked with: {first_line(e)}") from None
+    compare_outputs(expected.logits, got, flow, float(desc["golden"]["atol"]), expected.words)
+
+
+def golden_reference(folder: Path, desc: dict[str, Any], source: str) -> Reference:
+    """The golden inputs and outputs stored in a bundle, which its graph must reproduce on load."""
+    where = f"bundle {source}: {GOLDEN}"
+    try:
+        golden = load_file(str(folder / GOLDEN))
+    except Exception as e:  # safetensors' own error types on a malformed file
+        raise BundleError(f"{where} is not readable: {first_line(e)}. {BUNDLE_FIX}") from None
+    name = "input" if desc["kind"] == "full" else FEATURES_NAME
+    needed = [name, *(logits_name(p) for p in desc["tasks"])]
+    missing = [n for n in needed if n not in golden]
+    if missing:
+        raise BundleError(f"{where} lacks {', '.join(missing)}. {BUNDLE_FIX}")
+    x, count = golden[name], desc["golden"]["count"]
+    shape = (count, *desc["input"]["shape"][1:])
+    if count < 1 or x.dtype != torch.float32 or tuple(x.shape) != shape:
+        raise BundleError(
+            f"{where}: {name!r} is {x.dtype} {tuple(x.shape)}, but model.json says {count} golden input(s) of shape "
+            f"{shape[1:]} (float32). {BUNDLE_FIX}"
+        )
+    words = Wording(
+        subject=f"bundle {source}: its graph {desc['graph']}",
+        reference="its golden outputs",
+        verdict="the bundle is damaged or was edited after export",
+        fix="Refusing it. Re-export it from its run (train.py writes <run dir>/bundle) or download it again",
+        error=BundleError,
+    )
+    return Reference(x.numpy(), {p: golden[logits_name(p)] for p in desc["tasks"]}, words)
+
+
+@dataclass(frozen=True)
+class OpenBundle:
+    """A verified bundle: its folder (local, or the cached download), model.json, and its graph ready to run."""
+
+    folder: Path
+    description: dict[str, Any]
+    runner: OnnxRunner | HeadRunner
+
+
+def open_bundle(
+    source: str | Path, threads: int | None = None, cache_dir: str | Path | None = None, golden: bool = True
+) -> OpenBundle:
+    """Open a bundle folder or URL for running: files against SHA256SUMS, model.json's fields, then verify_graph
+    with (`golden`) the bundle's golden outputs as the reference. BundleError naming the first problem."""
+    folder = fetch_bundle(str(source), cache_dir) if is_url(source) else Path(source).expanduser()
+    desc = verify_bundle(folder)
+    where = f"bundle {source}"
+    runner = open_graph(folder / desc["graph"], desc, threads, where, BUNDLE_FIX)
+    reference = functools.partial(golden_reference, folder, desc, str(source)) if golden else None
+    verify_graph(runner, desc, where, BUNDLE_FIX, reference)
+    return OpenBundle(folder, desc, runner)
+
+
+def _whole(value: Any, low: int, high: int | None) -> bool:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    return ok and (high is None or value <= high)
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value (tuples as lists, keys as strings), for comparing descriptions."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def is_url(source: str | Path) -> bool:

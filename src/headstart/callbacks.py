@@ -1,15 +1,21 @@
-"""Lightning callbacks that write what people look at: confusion matrices and prediction grids in TensorBoard."""
+"""Lightning callbacks: what people look at in TensorBoard (confusion matrices, prediction grids), the epoch cost
+timer, frozen BatchNorm statistics, and the guard that stops a diverging run."""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from headstart.errors import ConfigError, DivergedError
 from headstart.transforms import denormalize
 from headstart.visuals import confusion_figure, prediction_grid
+
+log = logging.getLogger(__name__)
 
 
 def _tensorboards(trainer: L.Trainer) -> list:
@@ -180,3 +186,77 @@ class FreezeBatchNormStats(L.Callback):
         for m in pl_module.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
                 m.eval()
+
+
+NONFINITE_ACTIONS = ("stop", "skip_batch")
+
+
+class DivergenceGuard(L.Callback):
+    """Stops a run whose loss, weights or validation metrics become NaN or inf, with one message that says where
+    and what to try, before a checkpoint of it can be saved (Lightning runs checkpoint callbacks after this one).
+
+    A training batch with a non-finite loss is never stepped on (the model skips it). `on_nonfinite_loss="stop"`
+    (default) then stops the run; `"skip_batch"` goes on without that batch, and stops only after more than
+    `max_skipped` such batches, or when a weight or validation metric is non-finite all the same.
+    """
+
+    def __init__(self, on_nonfinite_loss: str = "stop", max_skipped: int = 10) -> None:
+        if on_nonfinite_loss not in NONFINITE_ACTIONS:
+            raise ConfigError(
+                f"callbacks.divergence.on_nonfinite_loss must be one of {', '.join(NONFINITE_ACTIONS)}, got "
+                f"{on_nonfinite_loss!r}"
+            )
+        if int(max_skipped) < 0:
+            raise ConfigError(f"callbacks.divergence.max_skipped must be 0 or more, got {max_skipped}")
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.max_skipped = int(max_skipped)
+        self._seen = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seen = len(getattr(pl_module, "nonfinite_steps", []))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        skipped = getattr(pl_module, "nonfinite_steps", [])
+        if len(skipped) == self._seen:
+            return
+        self._seen = len(skipped)
+        epoch, step, value = skipped[-1]
+        where = f"at epoch {epoch}, step {step}: the training loss is {value}"
+        if self.on_nonfinite_loss == "stop" or len(skipped) > self.max_skipped:
+            many = f" ({len(skipped)} batches skipped so far)" if len(skipped) > 1 else ""
+            raise DivergedError(self._message(trainer, where + many))
+        log.warning("skipped a training batch %s (%d of at most %d)", where, len(skipped), self.max_skipped)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_weights(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._check_weights(trainer, pl_module)
+        metrics = (getattr(pl_module, "epoch_results", {}).get("val") or {}).get("metrics", {})
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:
+            name, value = next(iter(bad.items()))
+            raise DivergedError(
+                self._message(trainer, f"after epoch {trainer.current_epoch}: val/{name} is {value}")
+            )
+
+    def _check_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name, param in pl_module.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise DivergedError(
+                    self._message(
+                        trainer, f"after epoch {trainer.current_epoch}: weight {name} holds NaN or inf"
+                    )
+                )
+
+    @staticmethod
+    def _message(trainer: L.Trainer, where: str) -> str:
+        lr = next((g.get("lr") for o in trainer.optimizers for g in o.param_groups), None)
+        rate = f"optimizer.lr (now {lr:g})" if isinstance(lr, float) else "optimizer.lr"
+        return (
+            f"training diverged {where}. Nothing of this run is kept as a result. Try a lower {rate}, "
+            "gradient clipping (trainer.gradient_clip_val=1.0), or look for NaN/inf in the data; to skip such "
+            "batches instead of stopping: callbacks.divergence.on_nonfinite_loss=skip_batch"
+        )

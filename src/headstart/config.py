@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,6 +130,40 @@ class TrainSchema:
 def plain(node: Any) -> Any:
     """A resolved config node as plain Python containers (what checkpoints and manifests may hold)."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
+
+
+# Keys naming files and folders a run reads or writes. A model records them as absolute paths, so that its recorded
+# config names the same files wherever it is read later (another working directory, a notebook's kernel).
+PATH_KEYS = (
+    "paths.root_dir",
+    "paths.data_dir",
+    "paths.log_dir",
+    "paths.sweep_dir",
+    "paths.output_dir",
+    "data.root",
+    "data.csv",
+    "extract.dir",
+    "extract.path",
+    "ckpt_path",
+    "backbone.weights",
+)
+
+
+def recorded_config(cfg: DictConfig) -> dict:
+    """What a model records about its run (checkpoints, bundles, manifests): the resolved config as plain data,
+    without Hydra's own section, with the paths in PATH_KEYS made absolute (backbone.weights only when it names a
+    file)."""
+    record = {k: v for k, v in plain(cfg).items() if k != "hydra"}
+    for key in PATH_KEYS:
+        section, _, leaf = key.rpartition(".")
+        node = record.get(section) if section else record
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value:
+            continue
+        if key == "backbone.weights" and not os.path.exists(os.path.expanduser(value)):
+            continue  # "pretrained", "none", a download name
+        node[leaf] = os.path.abspath(os.path.expanduser(value))
+    return record
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -269,8 +304,14 @@ def _matches(value: Any, expected: Any) -> bool:
     return isinstance(value, expected)
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
 def _type_name(expected: Any) -> str:
-    return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+    """How a user would say the type: 'an integer or null', not 'Optional'."""
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(o) for o in typing.get_args(expected))
+    return _TYPE_NAMES.get(expected) or getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
 
 
 def _describe(e: OmegaConfBaseException) -> str:

@@ -3,35 +3,58 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from headstart.errors import HeadstartError
-from headstart.runs import discard_run_dir
+from headstart.runs import fail_run_dir
 
 log = logging.getLogger("headstart")
 T = TypeVar("T")
 
+INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
 
-def run_guarded(fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Call a stage function; on a HeadstartError print its message (no traceback) and exit with status 2."""
+
+def run_guarded(fn: Callable[[DictConfig], T], cfg: DictConfig, interrupted: str = "interrupted") -> T:
+    """Call a stage function. A HeadstartError ends as its one-line message (no traceback) with status 2; Ctrl-C
+    ends as `interrupted` (what is kept and how to go on) with status 130. Either way the run directory keeps no
+    result (see `headstart.runs.fail_run_dir`)."""
     try:
         return fn(cfg)
+    except KeyboardInterrupt:
+        _end(cfg, interrupted, INTERRUPTED)
     except (HeadstartError, InstantiationException) as raised:
         e = _user_error(raised)
         if e is None:
             raise
-        log.error("%s", e)
-        print(f"\nheadstart: error: {e}", file=sys.stderr)
-        output_dir = cfg.get("paths", {}).get("output_dir") if "paths" in cfg else None
-        if output_dir:
-            discard_run_dir(Path(output_dir))
-        sys.exit(2)
+        _end(cfg, str(e), 2)
+
+
+def _end(cfg: DictConfig, message: str, status: int) -> NoReturn:
+    output_dir = cfg.get("paths", {}).get("output_dir") if "paths" in cfg else None
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    log.error("%s", message)
+    done = ""
+    if output_dir and _rank_zero():  # DDP ranks share the run directory: rank 0 cleans it up
+        done = fail_run_dir(Path(output_dir), message, keep_record=in_sweep)
+    if done:
+        log.info("%s", done)
+    print(f"\nheadstart: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _rank_zero() -> bool:
+    """Whether this is the first process of a run (Lightning's launchers, torchrun and SLURM set these variables)."""
+    ranks = [os.environ.get(name, "0") for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")]
+    return all(not r.isdigit() or int(r) == 0 for r in ranks)
 
 
 def _user_error(e: BaseException) -> HeadstartError | None:

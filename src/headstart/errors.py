@@ -23,3 +23,7 @@ class ExportError(HeadstartError):
 
 class BundleError(HeadstartError):
     """A bundle is missing, incomplete, tampered with, or does not fit the base it is applied to."""
+
+
+class DivergedError(HeadstartError):
+    """Training produced a non-finite loss, weight or metric (NaN or inf): nothing of it is kept as a result."""

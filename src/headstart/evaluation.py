@@ -43,7 +43,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate `cfg.model` on `cfg.split` of its data; write the evaluation folder; return the metrics."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(cfg.model, cfg.runtime, cfg.threads, work_dir=out)
+    loaded = load_model(cfg.model, cfg.runtime, cfg.threads, work_dir=out, base=cfg.get("base"))
     datamodule = model_datamodule(cfg.get("data"), loaded, split=cfg.split)
     outputs = run_split(loaded, datamodule, cfg.split)
 
@@ -75,12 +75,8 @@ def run_split(loaded: LoadedModel, datamodule: L.LightningDataModule, split: str
         if batch is None:
             continue
         out = loaded.runner(batch["inputs"])
-        total, per_task = flow.loss(out, batch["targets"])
-        losses = {
-            "loss": total,
-            **({f"{p}/loss": v for p, v in per_task.items()} if len(per_task) > 1 else {}),
-        }
-        metrics.update(out, batch["targets"], losses)
+        _, per_task = flow.loss(out, batch["targets"])
+        metrics.update(out, batch["targets"], per_task)
         index.append(batch["index"])
         for p in flow.leaf_paths:
             logits[p].append(out[p])

@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from headstart.errors import ExportError
+from headstart.errors import ExportError, HeadstartError
 from headstart.model import HeadstartModel
 from headstart.runtime import FEATURES_NAME, INPUT_NAME, logits_name, ort_session
 
@@ -89,7 +90,7 @@ def export_onnx(
     except Exception as e:
         raise ExportError(
             f"backbone '{model.backbone.name}' cannot be exported to ONNX: {type(e).__name__}: "
-            f"{_first_line(e)}. Fix: choose a backbone that exports (resnet, efficientnet, mobilenet, convnext, "
+            f"{first_line(e)}. Fix: choose a backbone that exports (resnet, efficientnet, mobilenet, convnext, "
             "efficientnet_lite0, small_cnn are tested), or turn export off with export.onnx=false."
         ) from e
     return _save(program, Path(path), metadata)
@@ -109,7 +110,7 @@ def export_head_onnx(
     try:
         program = _export(_HeadGraph(model), example, FEATURES_NAME, outputs, opset)
     except Exception as e:
-        raise ExportError(f"the head cannot be exported to ONNX: {type(e).__name__}: {_first_line(e)}") from e
+        raise ExportError(f"the head cannot be exported to ONNX: {type(e).__name__}: {first_line(e)}") from e
     return _save(program, Path(path), metadata)
 
 
@@ -120,7 +121,7 @@ def read_metadata(path: str | Path) -> dict[str, Any] | None:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise ExportError(f"{path} is not a readable ONNX file: {type(e).__name__}: {_first_line(e)}") from e
+        raise ExportError(f"{path} is not a readable ONNX file: {type(e).__name__}: {first_line(e)}") from e
     for prop in proto.metadata_props:
         if prop.key == METADATA_KEY:
             return json.loads(prop.value)
@@ -147,34 +148,59 @@ def check_parity(
     return compare_outputs(expected, got, model.flow, atol, what=f"{Path(path).name} (ONNX Runtime)")
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How `compare_outputs` words a failure: what ran, what it had to reproduce, what the failure means, the fix.
+
+    The default is export's: a fresh ONNX file against the PyTorch model it came from. At load, a bundle's graph is
+    compared with the golden outputs stored beside it, and a run's model.onnx with the run's checkpoint."""
+
+    subject: str  # "model.onnx (ONNX Runtime)", "bundle b: its graph model.onnx"
+    reference: str = "PyTorch"  # "PyTorch", "its golden outputs", "checkpoints/best.ckpt"
+    verdict: str = "the file was not kept"  # what happened to the file / what the failure means
+    fix: str | None = None  # None: export's advice
+    error: type[HeadstartError] = ExportError
+
+
 def compare_outputs(
-    expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], flow, atol: float, what: str
+    expected: dict[str, torch.Tensor],
+    got: dict[str, torch.Tensor],
+    flow,
+    atol: float,
+    what: str | Wording,
 ) -> dict[str, float]:
-    """Largest |difference| per task between two sets of logits; ExportError beyond `atol` or on any changed
-    decision (a class, a thresholded yes/no, whether a task applies)."""
+    """Largest |difference| per task between two sets of logits; an error beyond `atol` or on any changed decision
+    (a class, a thresholded yes/no, whether a task applies). `what`: the export's subject, or the full Wording."""
+    words = what if isinstance(what, Wording) else Wording(subject=what)
     worst: dict[str, float] = {}
     for p, e in expected.items():
         g = got[p]
         if tuple(g.shape) != tuple(e.shape):
-            raise ExportError(
-                f"{what}: task '{p}' gives logits of shape {tuple(g.shape)}, PyTorch {tuple(e.shape)}"
+            raise words.error(
+                f"{words.subject} does not reproduce {words.reference}: task '{p}' gives logits of shape "
+                f"{tuple(g.shape)} instead of {tuple(e.shape)}; {words.verdict}. {words.fix or ''}".rstrip()
             )
         worst[p] = float((g - e).abs().max()) if e.numel() else 0.0
     bad = {p: d for p, d in worst.items() if not d <= atol}
     if bad:
         p, d = max(bad.items(), key=lambda kv: kv[1])
         scale = float(expected[p].abs().max())
-        if d <= 1e-5 * scale:
+        rounding = d <= 1e-5 * scale  # NaN anywhere is not rounding
+        if rounding:
             hint = (
                 f"The logits are of magnitude {scale:.3g}, so this is float32 rounding ({d / scale:.1e} relative), "
-                "not a broken graph: such logits come from random or diverging weights. Train the model, or allow "
-                "it with export.atol=..."
+                "not a broken graph: such logits come from random or diverging weights. "
             )
+            hint += words.fix or "Train the model, or allow it with export.atol=..."
         else:
-            hint = "The export is wrong. Report it with the backbone name, or set export.onnx=false."
-        raise ExportError(
-            f"{what} disagrees with PyTorch: task '{p}' logits differ by up to {d:.3g} (allowed {atol:g}); "
-            f"the file was not kept. {hint}"
+            hint = (
+                words.fix
+                or "The export is wrong. Report it with the backbone name, or set export.onnx=false."
+            )
+        verb = "disagrees with" if words.reference == "PyTorch" else "does not reproduce"
+        raise words.error(
+            f"{words.subject} {verb} {words.reference}: task '{p}' logits differ by up to {d:.3g} (allowed "
+            f"{atol:g}); {words.verdict}. {hint}"
         )
     a, b = flow.predict(expected), flow.predict(got)
     for p in expected:
@@ -184,9 +210,9 @@ def compare_outputs(
         if flow.tasks[p].kind in DISCRETE_KINDS:  # regression values are compared through their logits above
             same_value = same_value and torch.equal(torch.nan_to_num(va), torch.nan_to_num(vb))
         if not (same_applicable and same_value):
-            raise ExportError(
-                f"{what} decides differently from PyTorch for task '{p}' although the logits are within "
-                f"{atol:g}: a decision sits on its threshold. The export was not kept."
+            raise words.error(
+                f"{words.subject} decides differently from {words.reference} for task '{p}' although the logits "
+                f"are within {atol:g}: a decision flips at its threshold; {words.verdict}. {words.fix or ''}".rstrip()
             )
     return worst
 
@@ -228,6 +254,7 @@ def _save(program: Any, path: Path, metadata: dict[str, Any] | None) -> Path:
     return path
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run on for pages), or its type's name."""
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__

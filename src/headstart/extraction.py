@@ -1,20 +1,23 @@
 """Extraction: run a frozen backbone once over an image DataModule and store its outputs as a DoF set.
 
 The set lands in `<dof dir>/<dataset>/<fingerprint>/`. The fingerprint hashes everything that determines the
-features (backbone identity and weights hash, cut point, input transform, augmentation policy, number of views,
-dtype, the list of input files), so a complete set with the same fingerprint is reused, and an interrupted one
-resumes from its finished shards.
+features and their labels (backbone identity and weights hash, cut point, input transform, augmentation policy,
+number of views, dtype, the list of input files, the tasks and classes), so a complete set with the same fingerprint
+is reused, and an interrupted one resumes from its finished shards. One process extracts a set at a time: another
+extraction of the same set waits for it (an OS lock on `<fingerprint>.lock` beside the set) and then reuses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import platform
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from headstart.config import plain, validate_train_config
 from headstart.data import ImageDataModule, collate_skip_none
 from headstart.data.kfold import kfold_splits
 from headstart.dof import DofError, DofWriter, fingerprint, open_dof
+from headstart.dof.files import exclusive_lock
 from headstart.dof.parts import (
     PARTS_DIR,
     DofPartWriter,
@@ -44,6 +48,12 @@ from headstart.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
+_held_locks = threading.local()  # the sets whose extraction lock this thread holds
+# What Ctrl-C during extract.py ends with: finished shards are files of their own, so nothing is lost.
+INTERRUPTED = (
+    "extraction interrupted: the shards finished so far are kept in the DoF set's folder; run the same command "
+    "again to resume from them"
+)
 CUT_POINT = "pre-logits: the input of the model's last linear classifier, globally pooled"
 
 
@@ -60,10 +70,17 @@ def files_sha256(datamodule: ImageDataModule) -> str:
     return h.hexdigest()
 
 
+def data_flow(datamodule: ImageDataModule) -> dict[str, Any]:
+    """The flow spec of the data's tasks and classes (a folder data set: one multiclass task `label`)."""
+    return getattr(datamodule, "flow_spec", None) or {
+        "tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}
+    }
+
+
 def dof_spec(
     backbone: Backbone, datamodule: ImageDataModule, augment: Sequence[Any] | None, views: int, dtype: str
 ) -> dict[str, Any]:
-    """What determines the features: the fingerprint is the hash of this."""
+    """What determines the features and what their labels mean: the fingerprint is the hash of this."""
     return {
         "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_sha256(), "cut": CUT_POINT},
         "transform": backbone.transform.to_dict(),
@@ -71,6 +88,7 @@ def dof_spec(
         "views": int(views),
         "dtype": str(dtype),
         "files_sha256": files_sha256(datamodule),
+        "flow": json.loads(json.dumps(data_flow(datamodule))),  # as the manifest stores it
     }
 
 
@@ -142,6 +160,8 @@ def extract_dof(
     """Write a DoF set of `datamodule`'s splits through `backbone` into `root` (which names its fingerprint).
 
     Resumable: shards already finished under `root` are kept. Returns `root`; a complete set is left untouched.
+    A single process holds the set's lock while it extracts: a second extraction of the same set waits for the first
+    and then finds the set complete.
 
     With `world_size` > 1 this process is rank `rank` of independent processes: it writes every `world_size`-th
     shard of the plan into its own part (see `headstart.dof.parts`), and the last rank to finish merges the parts
@@ -149,109 +169,175 @@ def extract_dof(
     the merged set holds the same bytes.
     """
     root = Path(root)
-    if (root / "manifest.json").is_file():
-        return root
-    if views < 1:
-        raise ValueError("views must be >= 1")
-    if dtype not in ("float16", "float32"):
-        raise ValueError("dtype must be float16 or float32")
-    check_rank(rank, world_size)
-    datamodule.setup("fit")
-    device = _device(device, rank, world_size)
-    backbone = backbone.to(device).eval()
-    jobs = plan_shards(datamodule, views, shard_size)
-    if world_size > 1:
-        writer: DofWriter = DofPartWriter(
-            root, meta or {}, rank, world_size, _part_plan(shard_size, batch_size)
+    # ranks write their own parts at the same time on purpose (their merge has its own lock)
+    lock = extraction_lock(root) if world_size == 1 else contextlib.nullcontext()
+    with lock:
+        if (root / "manifest.json").is_file():
+            return root
+        if views < 1:
+            raise ValueError("views must be >= 1")
+        if dtype not in ("float16", "float32"):
+            raise ValueError("dtype must be float16 or float32")
+        check_rank(rank, world_size)
+        datamodule.setup("fit")
+        device = _device(device, rank, world_size)
+        backbone = backbone.to(device).eval()
+        jobs = plan_shards(datamodule, views, shard_size)
+        if world_size > 1:
+            writer: DofWriter = DofPartWriter(
+                root, meta or {}, rank, world_size, _part_plan(shard_size, batch_size)
+            )
+            jobs = jobs[rank::world_size]
+            if not jobs:
+                log.warning(
+                    "rank %d of %d has no shard to extract (the set has fewer shards than ranks)",
+                    rank,
+                    world_size,
+                )
+        else:
+            writer = DofWriter(root, meta or {})
+        done = writer.completed_shards()
+        table = datamodule.table
+        eval_tf = eval_transform(backbone.transform)
+        train_tf = train_transform(backbone.transform, datamodule.augment)
+
+        todo = [j for j in jobs if (j[0], j[3]) not in done]
+        total_images = sum(len(j[2]) for j in todo)
+        where = root if world_size == 1 else f"{root} (rank {rank} of {world_size})"
+        log.info(
+            "extracting %d images (%d shards, %d already done) into %s",
+            total_images,
+            len(todo),
+            len(done),
+            where,
         )
-        jobs = jobs[rank::world_size]
-        if not jobs:
-            log.warning(
-                "rank %d of %d has no shard to extract (the set has fewer shards than ranks)",
+
+        seconds, images = 0.0, 0
+        bar = tqdm(total=total_images, unit="img", desc="extract", disable=not progress, dynamic_ncols=True)
+        for split, view, positions, k in todo:
+            base = datamodule.dataset(split)
+            base.transform = eval_tf if view == 0 else train_tf
+            dataset = Subset(_SeededView(base, view, seed) if view > 0 else base, positions.tolist())
+            loader = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                collate_fn=collate_skip_none,
+                pin_memory=device.type == "cuda",
+            )
+            start = time.perf_counter()
+            features, targets, index = [], [], []
+            with torch.inference_mode():
+                for batch in loader:
+                    if batch is None:
+                        continue
+                    out = backbone(batch["inputs"].to(device, non_blocking=True))
+                    stored = out.to(getattr(torch, dtype))
+                    check_finite_features(out, stored, batch["index"], table, backbone.name, dtype)
+                    features.append(stored.cpu().numpy())
+                    targets.append({t: v.numpy() for t, v in batch["targets"].items()})
+                    index.append(batch["index"].numpy())
+                    bar.update(len(batch["index"]))
+            seconds += time.perf_counter() - start
+            n = sum(len(i) for i in index)
+            images += n
+            arrays = {
+                "features": np.concatenate(features)
+                if features
+                else np.zeros((0, backbone.feature_dim), dtype=dtype),
+                "index": np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
+                "view": np.full(n, view, dtype=np.int16),
+            }
+            for task in targets[0] if targets else ["label"]:
+                arrays[f"target.{task}"] = (
+                    np.concatenate([t[task] for t in targets]) if targets else np.zeros(0, dtype=np.float32)
+                )
+            writer.write_shard(split, k, arrays)
+        bar.close()
+
+        stats = _stats(
+            table, backbone.feature_dim, dtype, views, images, seconds, device, num_workers, config
+        )
+        if world_size == 1:
+            writer.finalize(stats)
+            return root
+        assert isinstance(writer, DofPartWriter)
+        spec = (meta or {}).get("fingerprint_spec")
+        if (
+            todo or not (writer.root / "part.json").is_file()
+        ):  # a finished part keeps the stats of its real run
+            writer.finish_part(
+                [(j[0], j[3]) for j in jobs], {**stats, "rank": rank, "fingerprint_spec": spec}
+            )
+        if len(finished_parts(root, world_size)) == world_size:  # the last rank to finish merges
+            if try_lock_merge(root):
+                log.info("rank %d finished last: merging the %d parts of %s", rank, world_size, root)
+                _merge_locked(
+                    datamodule, root, meta or {}, world_size, views, shard_size, batch_size, config, rank
+                )
+            else:
+                log.info("rank %d finished; another rank is merging %s", rank, root)
+        else:
+            waiting = sorted(set(range(world_size)) - set(finished_parts(root, world_size)))
+            log.info(
+                "rank %d of %d finished; waiting for rank(s) %s: the last rank merges the set (or run extract.py with "
+                "the same overrides and extract.merge=true once all ranks are done)",
                 rank,
                 world_size,
+                waiting,
             )
-    else:
-        writer = DofWriter(root, meta or {})
-    done = writer.completed_shards()
-    table = datamodule.table
-    eval_tf = eval_transform(backbone.transform)
-    train_tf = train_transform(backbone.transform, datamodule.augment)
-
-    todo = [j for j in jobs if (j[0], j[3]) not in done]
-    total_images = sum(len(j[2]) for j in todo)
-    where = root if world_size == 1 else f"{root} (rank {rank} of {world_size})"
-    log.info(
-        "extracting %d images (%d shards, %d already done) into %s", total_images, len(todo), len(done), where
-    )
-
-    seconds, images = 0.0, 0
-    bar = tqdm(total=total_images, unit="img", desc="extract", disable=not progress, dynamic_ncols=True)
-    for split, view, positions, k in todo:
-        base = datamodule.dataset(split)
-        base.transform = eval_tf if view == 0 else train_tf
-        dataset = Subset(_SeededView(base, view, seed) if view > 0 else base, positions.tolist())
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=collate_skip_none,
-            pin_memory=device.type == "cuda",
-        )
-        start = time.perf_counter()
-        features, targets, index = [], [], []
-        with torch.inference_mode():
-            for batch in loader:
-                if batch is None:
-                    continue
-                out = backbone(batch["inputs"].to(device, non_blocking=True))
-                features.append(out.to(getattr(torch, dtype)).cpu().numpy())
-                targets.append({t: v.numpy() for t, v in batch["targets"].items()})
-                index.append(batch["index"].numpy())
-                bar.update(len(batch["index"]))
-        seconds += time.perf_counter() - start
-        n = sum(len(i) for i in index)
-        images += n
-        arrays = {
-            "features": np.concatenate(features)
-            if features
-            else np.zeros((0, backbone.feature_dim), dtype=dtype),
-            "index": np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
-            "view": np.full(n, view, dtype=np.int16),
-        }
-        for task in targets[0] if targets else ["label"]:
-            arrays[f"target.{task}"] = (
-                np.concatenate([t[task] for t in targets]) if targets else np.zeros(0, dtype=np.float32)
-            )
-        writer.write_shard(split, k, arrays)
-    bar.close()
-
-    stats = _stats(table, backbone.feature_dim, dtype, views, images, seconds, device, num_workers, config)
-    if world_size == 1:
-        writer.finalize(stats)
         return root
-    assert isinstance(writer, DofPartWriter)
-    spec = (meta or {}).get("fingerprint_spec")
-    if todo or not (writer.root / "part.json").is_file():  # a finished part keeps the stats of its real run
-        writer.finish_part([(j[0], j[3]) for j in jobs], {**stats, "rank": rank, "fingerprint_spec": spec})
-    if len(finished_parts(root, world_size)) == world_size:  # the last rank to finish merges
-        if try_lock_merge(root):
-            log.info("rank %d finished last: merging the %d parts of %s", rank, world_size, root)
-            _merge_locked(
-                datamodule, root, meta or {}, world_size, views, shard_size, batch_size, config, rank
-            )
-        else:
-            log.info("rank %d finished; another rank is merging %s", rank, root)
-    else:
-        waiting = sorted(set(range(world_size)) - set(finished_parts(root, world_size)))
+
+
+@contextlib.contextmanager
+def extraction_lock(root: Path) -> Iterator[None]:
+    """Exclusive right to extract the set at `root`, held until the block ends (or the process dies).
+
+    The lock is the file `<root>.lock` beside the set, never inside it (a complete set is exactly its manifest and
+    shards); it is deleted on release. A thread that holds it already (find_or_extract, then extract_dof) goes on."""
+    key = os.path.abspath(root)
+    held = _held_locks.__dict__.setdefault("paths", set())
+    if key in held:
+        yield
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+
+    def waiting(holder: str) -> None:
         log.info(
-            "rank %d of %d finished; waiting for rank(s) %s: the last rank merges the set (or run extract.py with "
-            "the same overrides and extract.merge=true once all ranks are done)",
-            rank,
-            world_size,
-            waiting,
+            "waiting for another extraction of the DoF set %s (%s) to finish; it is reused then", root, holder
         )
-    return root
+
+    with exclusive_lock(root.with_name(root.name + ".lock"), on_wait=waiting):
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+
+
+def check_finite_features(
+    out: torch.Tensor, stored: torch.Tensor, index: torch.Tensor, table: Any, backbone: str, dtype: str
+) -> None:
+    """A DataError naming the image files whose features are NaN or inf, from the backbone (`out`) or from the cast
+    to the stored dtype (`stored`: float16 overflows beyond 65504). DoF sets hold finite features only."""
+    for what, features in (("backbone", out), ("cast", stored)):
+        bad = ~torch.isfinite(features.flatten(1)).all(dim=1)
+        if not bad.any():
+            continue
+        rows = index[bad.cpu()].tolist()
+        files = [str(table.frame["path"].iloc[i]) for i in rows[:5]]
+        shown = ", ".join(files) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        if what == "backbone":
+            raise DataError(
+                f"backbone '{backbone}' gives NaN or inf features for {len(rows)} image(s): {shown}. Nothing of "
+                "them was stored (DoF sets hold finite features only): check the backbone's weights "
+                "(backbone.weights) and these images"
+            )
+        raise DataError(
+            f"the features of {len(rows)} image(s) exceed the range of {dtype} (|x| > "
+            f"{torch.finfo(getattr(torch, dtype)).max:g}): {shown}. Nothing of them was stored (DoF sets hold "
+            "finite features only): extract with extract.dtype=float32"
+        )
 
 
 def _stats(
@@ -421,14 +507,23 @@ def manifest_meta(backbone: Backbone, datamodule: ImageDataModule, spec: dict) -
         "transform": spec["transform"],
         "augment": spec["augment"],
         "views": spec["views"],
-        "flow": getattr(datamodule, "flow_spec", None)
-        or {"tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}},
+        "flow": spec["flow"],
         "samples": {
             "path": [str(p) for p in frame["path"]],
             "split": [str(s) for s in frame["split"]],
             "label": [None if np.isnan(v) else float(v) for v in frame["label"]],
+            "class_folders": in_class_folders(frame["path"], frame["label"], datamodule.table.classes),
         },
     }
+
+
+def in_class_folders(paths: Sequence[str], labels: Sequence[float], classes: Sequence[str]) -> bool:
+    """Whether every labelled file lies in a folder named after its class (a folder data set). The DoF reader then
+    checks that this still holds, so a class list reordered in the manifest cannot relabel the samples."""
+    labelled = [(p, v) for p, v in zip(paths, labels, strict=True) if not np.isnan(v)]
+    return bool(labelled) and all(
+        os.path.basename(os.path.dirname(str(p))) == str(classes[int(v)]) for p, v in labelled
+    )
 
 
 def find_or_extract(
@@ -478,7 +573,13 @@ def find_or_extract(
         args = (views, kwargs.get("shard_size", 4096), kwargs.get("batch_size", 64))
         _merge_locked(datamodule, root, meta, world_size, *args, config, None)
         return root, False
-    extract_dof(datamodule, backbone, root, views=views, dtype=dtype, meta=meta, config=config, **kwargs)
+    lock = extraction_lock(root) if kwargs.get("world_size", 1) == 1 else contextlib.nullcontext()
+    with lock:
+        if (root / "manifest.json").is_file():  # another process extracted it while this one waited
+            open_dof(root)
+            log.info("reusing DoF set %s, extracted by another process meanwhile", root)
+            return root, True
+        extract_dof(datamodule, backbone, root, views=views, dtype=dtype, meta=meta, config=config, **kwargs)
     return root, False
 
 

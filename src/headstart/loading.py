@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from headstart.bundle import DESCRIPTION, FULL_GRAPH, SUMS, describe_image_model, is_url
+from headstart.bundle import (
+    FULL_GRAPH,
+    RUNNING_FIELDS,
+    Reference,
+    check_description,
+    describe_image_model,
+    describe_running,
+    is_bundle_folder,
+    is_url,
+    open_graph,
+    verify_graph,
+)
+from headstart.data.recorded import datamodule_from_record
 from headstart.errors import ConfigError, DataError, ExportError, HeadstartError
-from headstart.export import export_onnx, read_metadata
+from headstart.export import Wording, export_onnx, read_metadata
 from headstart.flow import TaskFlow
 from headstart.model import HeadstartModel
-from headstart.runtime import OnnxRunner, Runner, TorchRunner
+from headstart.runtime import Runner, TorchRunner
 from headstart.transforms import InputTransform
 
 log = logging.getLogger(__name__)
@@ -46,12 +60,21 @@ def load_model(
 ) -> LoadedModel:
     """Open `source`. runtime: "auto" (ONNX Runtime, the faster one on CPU, exporting a checkpoint to
     `work_dir/model.onnx` first when it has no export), "onnx", or "pytorch" (checkpoints only). `base`: the base
-    bundle of a head update."""
+    bundle of a head update.
+
+    Every graph is verified before it runs (bundle.verify_graph): a bundle (any folder holding a bundle's files) as
+    Predictor.load does it; a run's model.onnx, or a fresh export of a checkpoint, against that checkpoint; a lone
+    .onnx file against its own description."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if is_url(source) or _is_bundle(Path(source)):
-        return _bundle(source, runtime, threads, base)
     path = Path(source).expanduser()
+    if is_url(source) or is_bundle_folder(path):
+        return _bundle(source, runtime, threads, base)
+    if base is not None:
+        raise ConfigError(
+            f"base={base} is the base bundle of a head update, but model={source} is not a head update (a bundle "
+            "folder); drop base="
+        )
     if not path.exists():
         raise ConfigError(
             f"model={source}: no such file or folder. Pass a run directory, a .ckpt, a .onnx file or a bundle folder"
@@ -69,10 +92,6 @@ def load_model(
     raise ConfigError(f"model={source}: expected a run directory, a .ckpt, a .onnx file or a bundle folder")
 
 
-def _is_bundle(path: Path) -> bool:
-    return path.is_dir() and (path / SUMS).is_file() and (path / DESCRIPTION).is_file()
-
-
 def _bundle(source: str | Path, runtime: str, threads: int | None, base: str | Path | None) -> LoadedModel:
     from headstart.predictor import Predictor
 
@@ -80,23 +99,82 @@ def _bundle(source: str | Path, runtime: str, threads: int | None, base: str | P
         raise ConfigError(
             f"model={source} is a bundle (ONNX): it runs with runtime=onnx (or auto), not pytorch"
         )
-    p = Predictor.load(source, threads=threads)
-    return LoadedModel(
-        str(source), "bundle", p.runner, p.flow, p.transform, p.description.get("config"), None
-    )
+    p = Predictor.load(source, base=base, threads=threads)
+    return LoadedModel(str(source), "bundle", p, p.flow, p.transform, p.description.get("config"), None)
 
 
-def _onnx(path: Path, threads: int | None, torch_model: HeadstartModel | None) -> LoadedModel:
+# A lone .onnx file has no SHA256SUMS and no golden outputs: only its embedded description and the graph's shape can
+# be checked. Next to its checkpoint, it must also reproduce that checkpoint on these many fixed inputs.
+_LONE_FIX = (
+    "The file is damaged or was edited after export (a lone .onnx file has no SHA256SUMS to tell which); re-export "
+    "it, or use the run's bundle"
+)
+_RUN_FIX = (
+    "It was changed after export or comes from another model: delete it (it is then exported afresh from the "
+    "checkpoint), or use runtime=pytorch"
+)
+_FRESH_FIX = "The export is wrong: report it with the backbone name, and use runtime=pytorch meanwhile"
+_PROBES = 4
+
+
+def _onnx(
+    path: Path,
+    threads: int | None,
+    torch_model: HeadstartModel | None,
+    checkpoint: Path | None = None,
+    fix: str = _LONE_FIX,
+) -> LoadedModel:
+    """A headstart ONNX file, verified (bundle.verify_graph) against its embedded description and, when it was
+    exported from `checkpoint` (`torch_model`), against that checkpoint's description and outputs."""
     desc = read_metadata(path)
     if desc is None:
         raise ConfigError(
             f"{path} has no headstart description in its metadata, so its inputs and outputs cannot be decoded; "
             "evaluate ONNX files exported by headstart (model.onnx of a run, or a bundle)"
         )
-    flow = _flow(desc)
-    runner = OnnxRunner(path, flow.leaf_paths, threads)
+    if isinstance(desc, dict) and desc.get("kind") == "head_update":
+        raise ConfigError(
+            f"{path} is the graph of a head update (features in, not images): pass its folder with its base "
+            "bundle, model=HEAD_UPDATE_FOLDER base=BASE_BUNDLE"
+        )
+    where = str(path)
+    flow = check_description(desc, where, fix)
+    reference = None
+    if torch_model is not None and checkpoint is not None:
+        reference = functools.partial(_checkpoint_reference, torch_model, checkpoint, desc, where, fix)
+    runner = open_graph(path, desc, threads, where, fix)
+    verify_graph(runner, desc, where, fix, reference)
     transform = InputTransform.from_dict(desc["transform"])
     return LoadedModel(str(path), "onnx", runner, flow, transform, desc.get("config"), torch_model)
+
+
+def _checkpoint_reference(
+    model: HeadstartModel, checkpoint: Path, desc: dict[str, Any], where: str, fix: str
+) -> Reference:
+    """What an export of `checkpoint` must reproduce: the checkpoint's description of what it runs, and its logits on
+    a few fixed inputs (normalized images are roughly standard normal, so are these)."""
+    ours = describe_running(model.flow, model.input_transform.to_dict(), "full", model.backbone.feature_dim)
+    differ = [f for f in RUNNING_FIELDS if _canonical(ours[f]) != _canonical(desc.get(f))]
+    if differ:
+        raise ExportError(
+            f"{where} describes another model than {checkpoint}: they differ in {', '.join(differ)}. {fix}"
+        )
+    side = model.input_transform.crop
+    images = torch.randn(_PROBES, 3, side, side, generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        expected = {k: v.float().cpu() for k, v in model(images.to(device)).items()}
+    words = Wording(
+        subject=where,
+        reference=str(checkpoint),
+        verdict=f"checked on {_PROBES} fixed inputs",
+        fix=fix,
+    )
+    return Reference(images.numpy(), expected, words)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def open_image_checkpoint(path: Path) -> HeadstartModel:
@@ -147,7 +225,9 @@ def _checkpoint(
         onnx = work_dir / FULL_GRAPH
         export_onnx(model, onnx, metadata=describe_image_model(model, model.run_config))
         log.info("exported %s to %s for ONNX Runtime", path, onnx)
-    loaded = _onnx(onnx, threads, torch_model=model)
+        loaded = _onnx(onnx, threads, torch_model=model, checkpoint=path, fix=_FRESH_FIX)
+    else:
+        loaded = _onnx(onnx, threads, torch_model=model, checkpoint=path, fix=_RUN_FIX)
     loaded.source, loaded.kind = str(path), "checkpoint"
     return loaded
 
@@ -158,10 +238,12 @@ def _run_dir(path: Path, runtime: str, threads: int | None, work_dir: Path | Non
         (c for c in (checkpoints / "image_model.ckpt", checkpoints / "best.ckpt") if c.is_file()), None
     )
     onnx = path / FULL_GRAPH
+    if ckpt is None and is_bundle_folder(path / "bundle"):  # nothing to check model.onnx against
+        return _bundle(path / "bundle", runtime, threads, None)
     if ckpt is None and not onnx.is_file():
         raise ConfigError(
-            f"model={path}: a folder must be a run directory (with checkpoints/best.ckpt or model.onnx) or a bundle "
-            f"(with {SUMS}); this one is neither"
+            f"model={path}: a folder must be a run directory (with checkpoints/best.ckpt, bundle/ or model.onnx) or "
+            "a bundle (with model.json and SHA256SUMS); this one is neither"
         )
     if ckpt is None:
         return _onnx(onnx, threads, torch_model=None)
@@ -172,25 +254,20 @@ def _run_dir(path: Path, runtime: str, threads: int | None, work_dir: Path | Non
     return loaded
 
 
-def _flow(desc: dict[str, Any]) -> TaskFlow:
-    flow = TaskFlow.from_spec(desc["flow"])
-    flow.load_state({"thresholds": desc.get("thresholds") or {}})
-    return flow
-
-
 def model_datamodule(data_cfg: Any, loaded: LoadedModel, split: str) -> L.LightningDataModule:
     """The data to run a model on: `data_cfg` (from the command line), else the data the model was trained on, read
     with the model's own input transform. It must have `split`, and its tasks must be the model's."""
     if data_cfg is None:
-        recorded = (loaded.config or {}).get("data")
+        recorded = (loaded.config or {}).get("data") if isinstance(loaded.config, dict) else None
         if not recorded:
             raise ConfigError(
                 f"{loaded.source} does not record the data it was trained on; name the data: "
                 "data=folder data.root=/path/to/images (or another data config)"
             )
-        data_cfg = OmegaConf.create(recorded)
-    datamodule = instantiate(data_cfg, transform=loaded.transform)
-    datamodule.prepare_data()
+        datamodule = datamodule_from_record(recorded, loaded.transform, loaded.source)  # never instantiated
+    else:
+        datamodule = instantiate(data_cfg, transform=loaded.transform)  # the user's own composed config
+        datamodule.prepare_data()
     datamodule.setup("fit")
     splits = sorted(set(datamodule.table.frame["split"].astype(str)))
     if split not in splits:

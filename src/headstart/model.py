@@ -96,6 +96,10 @@ class HeadstartModel(L.LightningModule):
         self.epoch_results: dict[str, dict[str, Any]] = {}
         # The run's resolved config (plain data), saved into checkpoints: evaluate.py defaults to its data.
         self.run_config: dict | None = None
+        # True for a model read from a file: its recorded optimizer is data, not something to build.
+        self.optimizer_from_file = False
+        # (epoch, global step, loss) of each training batch whose loss was NaN or inf (and so not stepped on).
+        self.nonfinite_steps: list[tuple[int, int, float]] = []
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> HeadstartModel:
@@ -107,7 +111,14 @@ class HeadstartModel(L.LightningModule):
         model = cls(**hparams)
         model.load_state_dict(ckpt["state_dict"])
         model.run_config = ckpt.get(CONFIG_KEY)
+        model.optimizer_from_file = True  # recorded, so never built: see configure_optimizers
         return model
+
+    def use_optimizer(self, optimizer: dict, scheduler: dict | None = None) -> None:
+        """Train with these (plain `_target_` nodes of the user's own config) instead of the recorded ones."""
+        self.hparams.optimizer = optimizer
+        self.hparams.scheduler = scheduler
+        self.optimizer_from_file = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
@@ -160,22 +171,34 @@ class HeadstartModel(L.LightningModule):
             weighting=self.weighting,
         )
         teacher = self.__dict__.get("_teacher")
+        distill = None
         if teacher is not None and stage == "train":
             net, weight = teacher
             with torch.no_grad():
                 target = net.to(features.device)(batch["inputs"])
-            total = total + weight * nn.functional.mse_loss(features, target)
-        losses = {"loss": total}
-        if len(per_task) > 1:
-            losses.update({f"{path}/loss": loss for path, loss in per_task.items()})
+            distill = weight * nn.functional.mse_loss(features, target)
+            total = total + distill
         # Epoch values come from FlowMetrics (one log call per epoch, not per step: Lightning's self.log costs
-        # more than a small head's whole step).
-        self.metrics[f"{stage}_metrics"].update(logits, batch["targets"], losses)
+        # more than a small head's whole step); its epoch loss does not depend on the batching.
+        self.metrics[f"{stage}_metrics"].update(
+            logits,
+            batch["targets"],
+            per_task,
+            class_weights=self._class_weights(),
+            weighting=self.weighting,
+            extra_loss=distill,
+        )
         return total
 
     def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
         loss = self._step(batch, "train")
-        if loss is not None and batch_idx % self.trainer.log_every_n_steps == 0:
+        if loss is None:
+            return None
+        if not bool(torch.isfinite(loss)):
+            # No backward, no optimizer step: the weights stay finite. DivergenceGuard decides whether the run stops.
+            self.nonfinite_steps.append((self.current_epoch, self.global_step, float(loss)))
+            return None
+        if batch_idx % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
         return loss
 
@@ -210,6 +233,11 @@ class HeadstartModel(L.LightningModule):
         self._epoch_end("test")
 
     def configure_optimizers(self) -> Any:
+        if self.optimizer_from_file:
+            raise ConfigError(
+                "this model was read from a checkpoint, whose recorded optimizer is never built (a file may name "
+                "any code there); give it the optimizer of your own config first: model.use_optimizer(...)"
+            )
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("nothing to train: the backbone is frozen and the head has no parameters")

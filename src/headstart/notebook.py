@@ -15,6 +15,7 @@ from collections import deque
 from pathlib import Path
 
 from headstart.errors import HeadstartError
+from headstart.runs import claim_run_dir
 
 SCRIPTS = ("train", "extract", "evaluate", "predict", "prune")
 # The lines worth showing in a notebook: headstart's own log lines (metrics, exports, the DoF benefit, the cost
@@ -36,14 +37,15 @@ def repo_root() -> Path:
 
 
 def run_dir_of(script: str, overrides: list[str]) -> Path:
-    """The directory `python <script>.py overrides` will write, resolved now (its date and time included)."""
+    """The directory `python <script>.py overrides` will write, resolved now (its date and time included) and
+    created exclusively, as the script itself would (`headstart.runs.claim_run_dir`)."""
     from hydra import compose, initialize_config_dir
 
     root = repo_root()
     with initialize_config_dir(version_base="1.3", config_dir=str(root / "conf")):
         cfg = compose(script, overrides=overrides, return_hydra_config=True)
     path = Path(str(cfg.hydra.run.dir))
-    return path if path.is_absolute() else root / path
+    return claim_run_dir(path if path.is_absolute() else root / path)
 
 
 def run(script: str, *overrides: str, echo: bool = True) -> Path:

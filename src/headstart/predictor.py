@@ -20,19 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from headstart.bundle import (
-    FULL_GRAPH,
-    HEAD_GRAPH,
-    fetch_bundle,
-    is_url,
-    read_golden,
-    verify_bundle,
-)
+from headstart.bundle import open_bundle
 from headstart.data.images import load_rgb
-from headstart.errors import BundleError, DataError, ExportError
-from headstart.export import compare_outputs
-from headstart.flow import TaskFlow
-from headstart.runtime import FEATURES_NAME, HeadRunner, OnnxRunner, logits_name
+from headstart.errors import BundleError, DataError
+from headstart.flow import Task, TaskFlow
+from headstart.runtime import FEATURES_NAME, HeadRunner, OnnxRunner
 from headstart.transforms import InputTransform, eval_transform
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -68,26 +60,24 @@ class Predictor:
         cache_dir: str | Path | None = None,
         verify: bool = True,
     ) -> Predictor:
-        """Load a bundle folder or URL. Files are checked against SHA256SUMS and (with `verify`) the graph must
-        reproduce the stored golden outputs. A head update needs `base`, a full bundle with the same backbone."""
-        folder = _local(source, cache_dir)
-        desc = verify_bundle(folder)
+        """Load a bundle folder or URL (bundle.open_bundle: files against SHA256SUMS, model.json's fields, the graph
+        against its description and, with `verify`, against the stored golden outputs). A head update needs `base`,
+        a full bundle with the same backbone, verified the same way."""
+        opened = open_bundle(source, threads, cache_dir, golden=verify)
+        desc = opened.description
         if desc["kind"] == "full":
             if base is not None:
                 raise BundleError(
                     f"{source} is a full bundle; base= is only for head updates. Load it without base="
                 )
-            runner = OnnxRunner(folder / FULL_GRAPH, list(desc["tasks"]), threads)
-            if verify:
-                _check_golden(folder, desc, lambda g: runner(g["input"].numpy()), source)
-            return cls(desc, runner, source=str(source))
+            return cls(desc, opened.runner, source=str(source))
         if base is None:
             raise BundleError(
                 f"{source} is a head update (only the head, for backbone {desc['backbone']['weights_sha256'][:12]}); "
                 "load it on top of its base bundle: Predictor.load(update, base=BASE_BUNDLE)"
             )
-        base_folder = _local(base, cache_dir)
-        base_desc = verify_bundle(base_folder)
+        opened_base = open_bundle(base, threads, cache_dir, golden=verify)
+        base_desc = opened_base.description
         if base_desc["kind"] != "full":
             raise BundleError(f"base {base} is itself a head update; the base must be a full bundle")
         want, have = desc["backbone"], base_desc["backbone"]
@@ -103,17 +93,12 @@ class Predictor:
                 f"head update {source} expects the input transform {desc['transform']}, but base {base} uses "
                 f"{base_desc['transform']}; use a base bundle with the same preprocessing"
             )
-        runner = OnnxRunner(base_folder / FULL_GRAPH, list(base_desc["tasks"]), threads)
-        head = HeadRunner(folder / HEAD_GRAPH, list(desc["tasks"]), threads)
-        if verify:
-            _check_golden(base_folder, base_desc, lambda g: runner(g["input"].numpy()), base)
-            _check_golden(folder, desc, lambda g: head(g[FEATURES_NAME].numpy()), source)
         merged = {
             **desc,
             "transform": base_desc["transform"],
             "base": {"source": str(base), **base_desc["backbone"]},
         }
-        return cls(merged, runner, head=head, source=str(source))
+        return cls(merged, opened_base.runner, head=opened.runner, source=str(source))
 
     # ---- running --------------------------------------------------------------------------------------------------
 
@@ -128,11 +113,14 @@ class Predictor:
     def logits(
         self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 32
     ) -> dict[str, torch.Tensor]:
-        """{task: logits} for images (or an already preprocessed float32[N, 3, H, W] array)."""
+        """{task: logits} for images (or an already preprocessed float32[N, 3, H, W] array); no images give logits
+        with 0 rows."""
         if isinstance(images, np.ndarray) and images.ndim == 4:
             batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
         else:
             batches = [self.preprocess(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        if not batches:
+            return {p: torch.zeros(_logit_shape(t, 0)) for p, t in self.flow.tasks.items()}
         parts = [self._run(b) for b in batches]
         return {t: torch.cat([p[t] for p in parts]) for t in self.tasks}
 
@@ -155,7 +143,8 @@ class Predictor:
         return self.head(features)
 
     def predict(self, x: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> Any:
-        """Decoded outputs per task: `{task: {"applicable", "value", "score"}}` for one image, a list for a list.
+        """Decoded outputs per task: `{task: {"applicable", "value", "score"}}` for one image, a list for a list
+        (an empty one for an empty one).
 
         value: binary True/False, multiclass the class name, multilabel the list of class names that are on,
         regression kinds a float; None where the task does not apply (its condition is false)."""
@@ -204,8 +193,10 @@ def to_pil(x: ImageLike) -> Image.Image:
 
 def decode(flow: TaskFlow, logits: dict[str, torch.Tensor]) -> list[dict[str, dict[str, Any]]]:
     """One dict per sample: {task: {"applicable": bool, "value": decoded or None, "score": probability or None}}."""
-    predicted = flow.predict(logits)
     n = len(next(iter(logits.values())))
+    if n == 0:
+        return []
+    predicted = flow.predict(logits)
     rows: list[dict[str, dict[str, Any]]] = [{} for _ in range(n)]
     for path, task in flow.tasks.items():
         probs = task.probabilities(logits[path])
@@ -232,19 +223,6 @@ def decode(flow: TaskFlow, logits: dict[str, torch.Tensor]) -> list[dict[str, di
     return rows
 
 
-def _local(source: str | Path, cache_dir: str | Path | None) -> Path:
-    if is_url(source):
-        return fetch_bundle(str(source), cache_dir)
-    return Path(source).expanduser()
-
-
-def _check_golden(folder: Path, desc: dict, run, source) -> None:
-    golden = read_golden(folder)
-    flow = TaskFlow.from_spec(desc["flow"])
-    flow.load_state({"thresholds": desc.get("thresholds") or {}})
-    expected = {p: golden[logits_name(p)] for p in desc["tasks"]}
-    got = run(golden)
-    try:
-        compare_outputs(expected, got, flow, float(desc["golden"]["atol"]), what=f"bundle {source}")
-    except ExportError as e:
-        raise BundleError(f"{e} (checked against the bundle's golden outputs on load)") from None
+def _logit_shape(task: Task, rows: int) -> tuple[int, ...]:
+    """The shape of a task's logits for `rows` images: one logit per image, or one per class."""
+    return (rows,) if task.num_outputs == 1 else (rows, task.num_outputs)

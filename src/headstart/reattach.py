@@ -61,13 +61,15 @@ def check_reattached(
     worst = 0.0
     for task, logits in on_images.items():
         a, b = logits.float().cpu(), on_features[task].float().cpu()
-        worst = max(worst, float((a - b).abs().max()))
+        diff = float((a - b).abs().max())
         scale = max(1.0, float(b.abs().max()))
-        if worst > tolerance * scale or not torch.equal(a.argmax(-1), b.argmax(-1)):
+        # NaN fails every comparison: written so that a NaN logit (a diverged head) is a failure, never a pass
+        if not diff <= tolerance * scale or not torch.equal(a.argmax(-1), b.argmax(-1)):
             raise AssertionError(
                 f"re-attached model disagrees with the head on stored features for task '{task}': "
-                f"max |logit difference| {worst:.4g} (tolerance {tolerance * scale:.3g}); the set may be stale"
+                f"max |logit difference| {diff:.4g} (tolerance {tolerance * scale:.3g}); the set may be stale"
             )
+        worst = max(worst, diff)
     return worst
 
 

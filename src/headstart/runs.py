@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, read_write
 
 from headstart.errors import ConfigError
 
@@ -50,10 +55,70 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def discard_run_dir(run_dir: Path) -> None:
-    """Remove a run directory that holds nothing but what Hydra wrote at start (config, log)."""
+# What a failed run keeps (to understand it, or to continue training with ckpt_path=...): never a result.
+KEPT_WHEN_FAILED = (".hydra", "checkpoints", "tensorboard")
+FAILED = "FAILED"
+
+
+def claim_run_dir(path: str | Path) -> Path:
+    """Create `path` exclusively and return it; when it exists (another run started in the same second), create
+    `<path>_2`, `<path>_3`, ... instead. Two processes never get the same directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = path, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}_{n}")
+
+
+def fail_run_dir(run_dir: Path, message: str, keep_record: bool = False) -> str:
+    """Leave no result of a failed run: remove everything but its config, log, checkpoints and TensorBoard events,
+    and write `FAILED` with `message`. When nothing but the config and log would stay (the run failed before it
+    trained), the directory goes entirely (and its parent when that leaves it empty), unless `keep_record` (a
+    sweep's job: the sweep summary lists it as failed). Returns what was done, for the log."""
     if not run_dir.is_dir():
-        return
-    own = {".hydra", "train.log", "extract.log", "prune.log", "evaluate.log"}
-    if all(p.name in own for p in run_dir.iterdir()):
+        return ""
+    kept_work = False
+    for entry in run_dir.iterdir():
+        if entry.name in KEPT_WHEN_FAILED:
+            kept_work |= entry.name != ".hydra" and any(p.is_file() for p in entry.rglob("*"))
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.suffix != ".log":
+            entry.unlink()
+    if not kept_work and not keep_record:
         shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run_dir.parent.rmdir()  # only when empty
+        return f"removed {run_dir}"
+    (run_dir / FAILED).write_text(message.rstrip() + "\n")
+    return f"{run_dir} keeps only its config, log{', checkpoints' if kept_work else ''} and {FAILED}"
+
+
+def _overridden(config: DictConfig, key: str) -> bool:
+    return any(str(o).split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
+
+
+class UniqueRunDir(Callback):
+    """Hydra callback: every run and every sweep gets a directory of its own, created exclusively before Hydra
+    writes into it (runs started in the same second would otherwise share `<date>_<time>/`). A directory the user
+    names (hydra.run.dir=..., as Lightning's DDP ranks do) is used as given."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _overridden(config, "hydra.run.dir"):
+            with read_write(config.hydra.run):
+                config.hydra.run.dir = str(claim_run_dir(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _overridden(config, "hydra.sweep.dir"):
+            return
+        claimed = str(claim_run_dir(config.hydra.sweep.dir))
+        with read_write(config.hydra):
+            config.hydra.sweep.dir = claimed
+            # each job's config is composed again from these overrides: make it use the claimed directory
+            quoted = claimed.replace("\\", "\\\\").replace("'", "\\'")
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{quoted}'")

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from headstart.bundle import describe_image_model, write_bundle, write_head_update
-from headstart.config import plain
+from headstart.config import recorded_config
 from headstart.data import load_rgb
 from headstart.data.features import FeatureDataModule
 from headstart.dof import DofSet
@@ -59,7 +59,7 @@ def ship_run(
     opts = cfg.export
     if not opts.onnx:
         return {}
-    config = {k: v for k, v in plain(cfg).items() if k != "hydra"}
+    config = recorded_config(cfg)
     on_features = isinstance(datamodule, FeatureDataModule)
     image_ckpt = run_dir / "checkpoints" / "image_model.ckpt" if on_features else Path(best)
     model = HeadstartModel.from_checkpoint(image_ckpt).eval()

@@ -8,12 +8,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from headstart.errors import DivergedError
+from headstart.flow import NonFiniteError
 from headstart.model import HeadstartModel
 
 
 @torch.no_grad()
 def tune_on_validation(model: HeadstartModel, loader: DataLoader) -> dict:
-    """Run `model` over `loader`, tune the flow's binary and multilabel thresholds, store them in its hparams."""
+    """Run `model` over `loader`, tune the flow's binary and multilabel thresholds, store them in its hparams.
+
+    DivergedError when the model's validation outputs are NaN where a threshold is tuned."""
     model.eval()
     logits: dict[str, list[torch.Tensor]] = {}
     targets: dict[str, list[torch.Tensor]] = {}
@@ -26,9 +30,15 @@ def tune_on_validation(model: HeadstartModel, loader: DataLoader) -> dict:
             targets.setdefault(path, []).append(batch["targets"][path].cpu())
     if not logits:
         return {}
-    tuned = model.flow.tune_thresholds(
-        {p: torch.cat(v) for p, v in logits.items()}, {p: torch.cat(v) for p, v in targets.items()}
-    )
+    try:
+        tuned = model.flow.tune_thresholds(
+            {p: torch.cat(v) for p, v in logits.items()}, {p: torch.cat(v) for p, v in targets.items()}
+        )
+    except NonFiniteError as e:
+        raise DivergedError(
+            f"thresholds cannot be tuned on validation data: {e}. The model gives NaN there; train again with a "
+            "lower learning rate (optimizer.lr=...), or check the data for non-finite values"
+        ) from None
     model.hparams.flow = model.flow.to_spec()
     return tuned
 

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig
@@ -20,12 +21,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from headstart.backbones import backbone_transform
 from headstart.benefit import describe, dof_benefit
 from headstart.callbacks import EpochCostTimer
-from headstart.config import plain, validate_train_config
+from headstart.config import plain, recorded_config, validate_train_config
 from headstart.cost import CostReport
 from headstart.data.features import FeatureDataModule
-from headstart.errors import ConfigError
+from headstart.errors import ConfigError, DataError, DivergedError
 from headstart.extraction import dof_for_config, frozen_backbone
 from headstart.finetune import build_schedule
+from headstart.flow import TaskFlow
 from headstart.model import HeadstartModel
 from headstart.reattach import attach_backbone, check_reattached, save_model
 from headstart.reports import write_task_tables
@@ -93,12 +95,21 @@ def build_model(
     )
 
 
+# Callbacks that only write to a logger, and fail without one: they step aside when the run has no logger.
+NEEDS_LOGGER = (LearningRateMonitor, DeviceStatsMonitor)
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The configured callbacks; a `finetune=` schedule first, so that the others (the LR monitor) see each epoch's
-    parameter groups."""
+    parameter groups. Without a logger (logger=null) the callbacks that only write to one are left out."""
     callbacks = [
         instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c
     ]
+    if not any(c is not None and "_target_" in c for c in (cfg.get("logger") or {}).values()):
+        unused = [type(c).__name__ for c in callbacks if isinstance(c, NEEDS_LOGGER)]
+        if unused:
+            log.info("no logger: leaving out %s (it only writes to a logger)", ", ".join(unused))
+        callbacks = [c for c in callbacks if not isinstance(c, NEEDS_LOGGER)]
     schedule = build_schedule(cfg)
     return [schedule, *callbacks] if schedule else callbacks
 
@@ -117,7 +128,8 @@ def train(cfg: DictConfig) -> float | None:
 
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule, structure=checkpoint_structure(ckpt_path))
-    model.run_config = {k: v for k, v in plain(cfg).items() if k != "hydra"}
+    check_trainable(model.flow, datamodule)
+    model.run_config = recorded_config(cfg)
     callbacks = build_callbacks(cfg)
     cost = CostReport(**plain(cfg.cost), backbone=plain(cfg.backbone))  # params and MACs, logged at fit start
     callbacks.append(cost)
@@ -136,6 +148,8 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     best = _best_checkpoint(trainer)
+    if best:
+        check_finite_checkpoint(best)
     if cfg.train and best:
         if trainer.is_global_zero:
             _tune_thresholds(model, datamodule, best)
@@ -160,11 +174,12 @@ def train(cfg: DictConfig) -> float | None:
     if on_features and trainer.is_global_zero and not trainer.fast_dev_run:
         metrics.update(_dof_benefit(datamodule, timer, loggers))
         _reattach(cfg, datamodule, best, run_dir)
-    if trainer.is_global_zero and not trainer.fast_dev_run:
-        write_json(run_dir / "metrics.json", metrics)
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", metrics)  # fast_dev_run too: what the sweep summary reads
         kinds = {path: task.kind for path, task in model.flow.tasks.items()}
         for stage in ("val", "test"):
             write_task_tables(metrics, stage, kinds, run_dir)
+    if trainer.is_global_zero and not trainer.fast_dev_run:
         _log_final_hparams(loggers, cfg, metrics)
         log.info("best checkpoint: %s", best)
         log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if not k.endswith("/count")})
@@ -197,17 +212,28 @@ def _prepare_distributed(trainer: L.Trainer, datamodule: L.LightningDataModule) 
                 "the sweep again in every process; run the sweep's jobs one by one, without -m"
             )
     for stage in ("val", "test"):
-        hook = getattr(datamodule, f"{stage}_dataloader", None)
-        if hook is not None:
-            setattr(datamodule, f"{stage}_dataloader", _evaluated_once(hook, trainer))
+        name = f"{stage}_dataloader"
+        if getattr(type(datamodule), name, None) is not None:
+            setattr(datamodule, name, EvaluatedOnce(datamodule, name))
     # FlowMetrics are torchmetrics synchronized across processes at compute(); the values they log are already
     # the same on every rank, so Lightning's advice to log them with sync_dist=True (another reduction) is moot.
     warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
-def _evaluated_once(hook: Any, trainer: L.Trainer) -> Any:
-    def loader() -> Any:
-        original = hook()
+class EvaluatedOnce:
+    """A DataModule's val/test dataloader hook that, in `trainer.validate`/`trainer.test`, shares the samples out
+    over the ranks each exactly once.
+
+    An object rather than a closure, because ddp_spawn pickles the DataModule into its processes; it names the
+    class's own hook (`__wrapped__`, which Lightning follows to see that the hook is defined) instead of holding
+    a bound method, which would unpickle as this object again."""
+
+    def __init__(self, datamodule: L.LightningDataModule, name: str) -> None:
+        self.datamodule, self.name = datamodule, name
+        self.__wrapped__ = getattr(type(datamodule), name)
+
+    def __call__(self) -> Any:
+        original, trainer = self.__wrapped__(self.datamodule), self.datamodule.trainer
         if trainer.state.fn not in (TrainerFn.VALIDATING, TrainerFn.TESTING):
             return original
         if not isinstance(original, DataLoader) or isinstance(original.sampler, DistributedSampler):
@@ -226,9 +252,8 @@ def _evaluated_once(hook: Any, trainer: L.Trainer) -> Any:
             worker_init_fn=original.worker_init_fn,
             prefetch_factor=original.prefetch_factor,
             timeout=original.timeout,
+            multiprocessing_context=original.multiprocessing_context,
         )
-
-    return loader
 
 
 class _EachOnce(DistributedSampler):
@@ -256,12 +281,75 @@ class _EachOnce(DistributedSampler):
         return len(self._items())
 
 
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents (tensors and plain data only: weights_only); ConfigError naming the file when it is
+    truncated, damaged or not a checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, or objects weights_only refuses: all mean "not usable"
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{path} cannot be read as a checkpoint ({type(e).__name__}: {reason}): it is truncated, damaged or not "
+            "a checkpoint. Pass a .ckpt written by train.py (checkpoints/last.ckpt to continue a run)"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ConfigError(f"{path} is not a headstart checkpoint (no state_dict); pass a .ckpt written by train.py")
+    return ckpt
+
+
 def checkpoint_structure(ckpt_path: str | None) -> dict | None:
-    """The pruned backbone shapes a checkpoint records (prune.py's steps), so that training can continue from it."""
+    """The pruned backbone shapes a checkpoint records (prune.py's steps), so that training can continue from it.
+    Reading it first also checks that the checkpoint is whole before any work starts."""
     if not ckpt_path:
         return None
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    hparams = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
     return hparams.get("structure")
+
+
+def check_finite_checkpoint(path: str) -> None:
+    """DivergedError when a checkpoint holds a NaN or inf weight: such a model is never the run's best."""
+    for name, tensor in read_checkpoint(path)["state_dict"].items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DivergedError(
+                f"the best checkpoint {path} holds NaN or inf in {name}: training diverged. Try a lower "
+                "optimizer.lr or gradient clipping (trainer.gradient_clip_val=1.0)"
+            )
+
+
+def split_targets(datamodule: L.LightningDataModule, split: str) -> dict[str, torch.Tensor]:
+    """{task: targets} of every row of `split`, in the data contract's encoding (NaN = missing)."""
+    if isinstance(datamodule, FeatureDataModule):
+        rows = datamodule.split(split)
+        arrays = rows.take(np.arange(len(rows)))
+        return {t: torch.from_numpy(arrays[f"target.{t}"]) for t in datamodule.tasks}
+    table = datamodule.table
+    index = table.rows(split)
+    targets = getattr(table, "targets", None) or {"label": table.labels}
+    return {t: torch.as_tensor(np.asarray(a)[index], dtype=torch.float32) for t, a in targets.items()}
+
+
+def check_trainable(flow: TaskFlow, datamodule: L.LightningDataModule) -> None:
+    """DataError naming the task (or class) that has no training sample to learn from: a task that applies to no
+    training row, or a class of a multiclass task that no training row has."""
+    targets = split_targets(datamodule, "train")
+    masks = flow.masks(targets)
+    for path, task in flow.tasks.items():
+        count = int(masks[path].sum())
+        if count == 0:
+            raise DataError(
+                f"task '{path}' has no training sample: no row of the train split has its label (or its condition "
+                "holds where it has one). Fill in its labels, or remove the task from the flow"
+            )
+        if task.kind == "multiclass":
+            present = torch.bincount(targets[path][masks[path]].long(), minlength=len(task.classes))
+            empty = [c for c, n in zip(task.classes, present.tolist(), strict=True) if n == 0]
+            if empty:
+                what = f"class '{empty[0]}'" if len(empty) == 1 else f"classes {empty}"
+                where = f" of task '{path}'" if path != "label" else ""
+                raise DataError(
+                    f"{what}{where} has no training sample (train split): a model cannot learn it. Add its images "
+                    "to the train split, or remove the class (its folder, or its rows)"
+                )
 
 
 def _tune_thresholds(model: HeadstartModel, datamodule: L.LightningDataModule, best: str) -> None:

@@ -35,7 +35,7 @@ WRITTEN_BY = "Written by python -m headstart.zoo"  # marks the config files the 
 # in 10,000 test samples.
 DEFAULT_TOLERANCE = 1e-4
 COST = ("params", "params_trainable", "macs", "torch_ms", "onnx_ms")  # metrics.json keys cost/<name>
-STAMP = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}$")
+STAMP = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(_\d+)?$")  # _2, _3: runs started in the same second
 HEADLINE = re.compile(r"^test/(?P<task>.+)/(?P<metric>acc|f1)$")
 
 log = logging.getLogger(__name__)

@@ -87,6 +87,15 @@ class RowSelection:
         return out
 
 
+def read_rows(split: DofSplit | RowSelection, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """`split.take(rows)`, with a damaged set (non-finite features, an altered file) as a DataError: the reader checks
+    what it serves, and the run stops with its message."""
+    try:
+        return split.take(rows)
+    except DofError as e:
+        raise DataError(str(e)) from None
+
+
 class FeatureBatches(Dataset):
     """`dataset[rows]` -> one batch in the data contract: {"inputs", "targets": {task: ...}, "index"}."""
 
@@ -98,7 +107,7 @@ class FeatureBatches(Dataset):
         return len(self.split)
 
     def __getitem__(self, rows: np.ndarray) -> dict[str, Any]:
-        arrays = self.split.take(np.asarray(rows))
+        arrays = read_rows(self.split, np.asarray(rows))
         return {
             "inputs": torch.from_numpy(np.ascontiguousarray(arrays["features"])).float(),
             "targets": {t: torch.from_numpy(np.ascontiguousarray(arrays[f"target.{t}"])) for t in self.tasks},
@@ -149,6 +158,11 @@ class FeatureDataModule(L.LightningDataModule):
             return
         try:
             self.dof = open_dof(self.path, verify=self.verify, memory_budget=self.memory_budget)
+            if (
+                self.dof.in_memory
+            ):  # loaded (and checked finite) now, so a damaged split stops the run before training
+                for name in self.dof.splits:
+                    self.dof.split(name).arrays()
         except DofError as e:
             raise DataError(str(e)) from None
         self.flow_spec = self.dof.meta["flow"]
@@ -167,7 +181,7 @@ class FeatureDataModule(L.LightningDataModule):
             if name not in self.dof.splits:
                 continue
             stored = self.dof.split(name)
-            arrays = stored.take(np.arange(len(stored)))
+            arrays = read_rows(stored, np.arange(len(stored)))
             goes = wanted[arrays["index"]]
             for target in parts:
                 keep = goes == target
@@ -195,7 +209,7 @@ class FeatureDataModule(L.LightningDataModule):
         return int(self.dof.feature_shape[0])
 
     def class_counts(self, split: str = "train") -> list[int]:
-        labels = self.split(split).take(self._sampler(split, False)._first_rows)["target.label"]
+        labels = read_rows(self.split(split), self._sampler(split, False)._first_rows)["target.label"]
         labels = labels[~np.isnan(labels)].astype(np.int64)
         return np.bincount(labels, minlength=len(self.classes)).tolist()
 
@@ -207,7 +221,7 @@ class FeatureDataModule(L.LightningDataModule):
     def _sampler(self, split: str, shuffle: bool) -> RowBatchSampler:
         key = f"{split}:{shuffle}"
         if key not in self._samplers:
-            index = self.split(split).take(np.arange(len(self.split(split))))["index"]
+            index = read_rows(self.split(split), np.arange(len(self.split(split))))["index"]
             self._samplers[key] = RowBatchSampler(index, self.batch_size, shuffle, self.seed)
         return self._samplers[key]
 

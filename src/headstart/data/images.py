@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -106,6 +107,15 @@ class ImageDataset(Dataset):
             "targets": {"label": torch.tensor(self.labels[i], dtype=torch.float32)},
             "index": torch.tensor(self.rows[i], dtype=torch.long),
         }
+
+
+def worker_context(num_workers: int) -> Any:
+    """The multiprocessing context for DataLoader workers: None (torch's default) except inside a joblib worker
+    (hydra/launcher=joblib), whose default start method 'loky' cannot start them; there the platform's standard
+    method is used."""
+    if num_workers > 0 and multiprocessing.get_start_method(allow_none=True) == "loky":
+        return multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
+    return None
 
 
 def collate_skip_none(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -259,9 +269,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def _check_imbalance(self) -> None:
         counts = self.class_counts("train")
-        if len(counts) < 2 or max(counts) == 0:
+        if len(counts) < 2 or min(counts) == 0:  # a class without training images is refused by training itself
             return
-        ratio = max(counts) / min(counts) if min(counts) > 0 else float("inf")
+        ratio = max(counts) / min(counts)
         if ratio > self.imbalance_ratio and self.balance == "none":
             shown = ", ".join(f"{c}={n}" for c, n in zip(self.classes, counts, strict=True))
             msg = (
@@ -336,6 +346,7 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_skip_none,
+            multiprocessing_context=worker_context(self.num_workers),
         )
 
     def train_dataloader(self) -> DataLoader:

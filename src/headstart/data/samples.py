@@ -174,7 +174,7 @@ def folder_table(
         }
     else:
         groups = {"train": {d.name: _images_under(d) for d in _class_dirs(root)}}
-    classes = sorted({c for by_class in groups.values() for c in by_class})
+    classes = _check_classes(root, groups, bool(split_dirs))
     index = {c: i for i, c in enumerate(classes)}
 
     paths: list[str] = []
@@ -194,6 +194,31 @@ def folder_table(
     frame = pd.DataFrame({"path": paths, "split": splits, "label": np.asarray(labels, dtype=np.float64)})
     frame = _split_pool(frame, set(groups), val_fraction, test_fraction, seed)
     return SampleTable(frame, classes)
+
+
+def _check_classes(root: Path, groups: dict[str, dict[str, list[Path]]], split_folders: bool) -> list[str]:
+    """The sorted class names; DataError for a class folder without images anywhere (a class nothing can teach) or
+    for a single class."""
+    classes = sorted({c for by_class in groups.values() for c in by_class})
+    empty = [c for c in classes if not any(by_class.get(c) for by_class in groups.values())]
+    if empty and len(empty) < len(classes):  # all empty: "No images found" says it better
+        folders = [
+            str(root / split / c if split_folders else root / c)
+            for split, by_class in groups.items()
+            for c in empty
+            if c in by_class
+        ]
+        raise DataError(
+            f"class folder(s) without images under {root}: {', '.join(folders[:5])}"
+            f"{' ...' if len(folders) > 5 else ''}. A class needs images to be learned: add images, or remove "
+            "the empty folder(s)"
+        )
+    if len(classes) == 1 and not empty:
+        raise DataError(
+            f"found one class under {root}: '{classes[0]}'. A classifier needs at least two class folders "
+            f"({layout_help()})"
+        )
+    return classes
 
 
 def _split_pool(

@@ -32,15 +32,18 @@ from headstart.dof.format import (
     MANIFEST_NAME,
     REQUIRED_ARRAYS,
     SHARDS_DIR,
+    TARGET_PREFIX,
     TMP_SUFFIX,
     DofError,
     array_order,
     array_relpath,
     check_array_name,
+    check_info,
     check_split_name,
     done_relpath,
     fingerprint,
     is_safe_relpath,
+    nonfinite_rows,
     to_json,
 )
 
@@ -96,6 +99,20 @@ def _prepare(split: str, k: int, arrays: Mapping[str, Any]) -> dict[str, np.ndar
     sizes = {name: a.shape[0] for name, a in out.items()}
     if len(set(sizes.values())) != 1:
         raise DofError(f"{where}: arrays differ in their first dimension (rows): {sizes}")
+    bad = nonfinite_rows(out["features"])
+    if bad.size:
+        raise DofError(
+            f"{where}: the features of row(s) {bad[:10].tolist()} (sample index {out['index'][bad[:10]].tolist()}) "
+            f"are not finite (NaN or inf{', ' + str(bad.size) + ' rows in all' if bad.size > 10 else ''}): DoF "
+            "sets hold finite features only; fix what produced them (a float16 overflow needs float32 features)"
+        )
+    for name, a in out.items():
+        if name.startswith(TARGET_PREFIX) and np.isinf(a).any():
+            rows = np.flatnonzero(np.isinf(a.reshape(len(a), -1)).any(axis=1))
+            raise DofError(
+                f"{where}: target {name!r} is infinite in row(s) {rows[:10].tolist()}: a target holds finite "
+                "values, or NaN where the label is missing"
+            )
     return {name: out[name] for name in array_order(set(out))}
 
 
@@ -255,14 +272,16 @@ class DofWriter:
         if self._spec is None:
             self._spec = spec
 
-    def finalize(self, stats: Mapping | None = None) -> Path:
+    def finalize(self, stats: Mapping | None = None, info: Mapping | None = None) -> Path:
         """Write ``manifest.json`` (last, atomically) and delete the per-shard records; returns its path.
 
+        ``info`` holds the set's descriptive strings (``INFO_FIELDS``), which stay editable afterwards.
         Refuses a split whose shards are not numbered 0..K-1 (a gap means an unfinished extraction). Stray files
         in ``shards/`` that no finished shard lists (leftovers of interrupted writes) are deleted first.
         """
         if self._finalized:
             raise DofError(f"DoF set {self.root} is already finalized")
+        info = check_info(dict(info or {}))
         records = self._scan()
         if not records:
             raise DofError(f"DoF set {self.root} has no finished shard: write shards before finalize()")
@@ -297,6 +316,7 @@ class DofWriter:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "info": info,
             "meta": self.meta,
             "meta_fingerprint": self.meta_fingerprint,
             "feature": {"shape": spec["features"]["shape"], "dtype": spec["features"]["dtype"]},

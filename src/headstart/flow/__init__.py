@@ -3,7 +3,17 @@
 from headstart.flow.flow import Group, TaskFlow
 from headstart.flow.head import FlowHead
 from headstart.flow.metrics import FlowMetrics
-from headstart.flow.tasks import FlowSpecError, Task
+from headstart.flow.tasks import FlowSpecError, NonFiniteError, Task, decision_scores
 from headstart.flow.weighting import UncertaintyWeighting
 
-__all__ = ["FlowHead", "FlowMetrics", "FlowSpecError", "Group", "Task", "TaskFlow", "UncertaintyWeighting"]
+__all__ = [
+    "FlowHead",
+    "FlowMetrics",
+    "FlowSpecError",
+    "Group",
+    "NonFiniteError",
+    "Task",
+    "TaskFlow",
+    "UncertaintyWeighting",
+    "decision_scores",
+]

@@ -8,12 +8,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
 from headstart.flow import conditions
 from headstart.flow.conditions import Condition, ConditionSyntaxError
-from headstart.flow.tasks import FlowSpecError, Task
+from headstart.flow.tasks import FlowSpecError, NonFiniteError, Task, decision_scores
 
 if TYPE_CHECKING:
     from headstart.flow.head import FlowHead
@@ -280,23 +281,28 @@ class TaskFlow:
         self, logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
     ) -> dict[str, float | list[float]]:
         """Tune binary and per-class multilabel thresholds for best F1 on the rows where each task applies (by
-        ground truth); store and return them. A task (or class) with no such row keeps its threshold."""
+        ground truth); store and return them. A task (or class) with no such row keeps its threshold.
+
+        Each threshold is tuned (`best_f1_threshold`) on exactly the float32 scores `Task.decode` compares, so the
+        flow then decides every tuning row as tuning scored it. NaN logits on such rows raise NonFiniteError
+        naming the task: no threshold is tuned on a diverged model's outputs.
+        """
         masks = self.masks(targets)
         for path, task in self.tasks.items():
             if not task.has_threshold:
                 continue
-            probs = torch.sigmoid(task.flat(logits[path]).detach().float()).cpu()
+            scores = decision_scores(task.flat(logits[path]).detach()).cpu()
             target = targets[path].detach().float().cpu()
             mask = masks[path].cpu()
             if task.kind == "binary":
                 if bool(mask.any()):
-                    self.thresholds[path] = best_f1_threshold(probs[mask], target[mask] > 0.5)
+                    self.thresholds[path] = _tuned(path, scores[mask], target[mask] > 0.5)
                 continue
             current = list(self.thresholds[path])
-            for c in range(len(task.classes)):
+            for c, name in enumerate(task.classes):
                 rows = mask & ~torch.isnan(target[:, c])
                 if bool(rows.any()):
-                    current[c] = best_f1_threshold(probs[rows, c], target[rows, c] > 0.5)
+                    current[c] = _tuned(f"{path}[{name}]", scores[rows, c], target[rows, c] > 0.5)
             self.thresholds[path] = current
         return {p: _plain(v) for p, v in self.thresholds.items()}
 
@@ -376,22 +382,67 @@ class TaskFlow:
         return order
 
 
-def best_f1_threshold(probs: torch.Tensor, positive: torch.Tensor) -> float:
-    """The threshold in {0.01, ..., 0.99} whose `probs > t` has the best F1 against `positive` (ties: nearest 0.5).
+def best_f1_threshold(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """The threshold t whose decisions `scores > float32(t)` have the best F1 against `positive`.
 
-    F1 counts as 1 where there is nothing to find and nothing is found.
+    `scores` are the float32 probabilities the decision rule compares (`decision_scores`; other dtypes are rounded
+    to float32 first). Every decision a threshold can make cuts the distinct sorted scores into a "no" part and a
+    "yes" part; t is the midpoint of the best cut's interval: strictly between the two scores it separates (the
+    lowest and highest intervals are bounded by 0 and 1), so that a score moved by rounding (another runtime,
+    another device) stays on its side. Equal F1: the interval closest to 0.5, then the lower one. Where two scores
+    are adjacent float32 values, nothing lies strictly between them: t is then the lower one (decided "no" by `>`).
+    F1 counts as 1 where there is nothing to find and nothing is found, so scores of one class get a threshold
+    that decides them all rightly. Returned as the shortest decimal that gives the same float32, so it travels as a
+    plain float (JSON included) and decides exactly as tuning scored. A NaN score, or one outside [0, 1], raises
+    NonFiniteError; no scores raise ValueError.
     """
-    grid = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
-    pred = probs.double().unsqueeze(0) > grid.unsqueeze(1)
-    pos = positive.bool().unsqueeze(0)
-    tp = (pred & pos).sum(1).double()
-    fp = (pred & ~pos).sum(1).double()
-    fn = (~pred & pos).sum(1).double()
+    scores = scores.detach().float().cpu().flatten()
+    positive = positive.detach().bool().cpu().flatten()
+    if scores.numel() == 0:
+        raise ValueError("best_f1_threshold needs at least one score")
+    outside = int((~((scores >= 0) & (scores <= 1))).sum())
+    if outside:
+        raise NonFiniteError(
+            f"{outside} of {scores.numel()} scores are NaN or not probabilities in [0, 1]: the model's outputs are "
+            "not finite (a diverged training?), and no threshold can be tuned on them"
+        )
+    values, inverse = torch.unique(scores, sorted=True, return_inverse=True)
+    k = values.numel()
+    rows = torch.bincount(inverse, minlength=k).double()
+    hits = torch.bincount(inverse[positive], minlength=k).double()
+    # Cut j (0..k) decides "yes" for the distinct scores j..k-1; suffix sums count what it decides "yes".
+    zero = torch.zeros(1, dtype=torch.float64)
+    said_yes = torch.cat([rows.flip(0).cumsum(0).flip(0), zero])
+    tp = torch.cat([hits.flip(0).cumsum(0).flip(0), zero])
+    fp, fn = said_yes - tp, hits.sum() - tp
     denom = 2 * tp + fp + fn
     f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.ones_like(denom))
-    best = f1.max()
-    candidates = grid[f1 >= best - 1e-12]
-    return round(float(candidates[(candidates - 0.5).abs().argmin()]), 4)
+    bounds = torch.cat([zero, values.double(), torch.ones(1, dtype=torch.float64)])
+    low, high = bounds[:-1], bounds[1:]  # cut j: any t with low <= t < high (the last: t <= 1)
+    feasible = torch.ones(k + 1, dtype=torch.bool)
+    feasible[0] = bool(values[0] > 0)  # "yes" for every score needs t < the lowest, and t >= 0
+    best = f1[feasible].max()
+    distance = torch.clamp(torch.maximum(low - 0.5, 0.5 - high), min=0.0)
+    distance = torch.where(feasible & (f1 == best), distance, torch.full_like(distance, math.inf))
+    j = int(distance.argmin())  # the first of equal distances: the lower interval
+    lo, hi = float(low[j]), float(high[j])
+    t = np.float32((lo + hi) / 2)
+    if j < k and not t < np.float32(hi):  # nothing strictly between two adjacent float32 scores
+        t = np.float32(lo)
+    return _shortest(t)
+
+
+def _tuned(what: str, scores: torch.Tensor, positive: torch.Tensor) -> float:
+    try:
+        return best_f1_threshold(scores, positive)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"task '{what}': {e}") from None
+
+
+def _shortest(t: np.float32) -> float:
+    """The shortest decimal that rounds to the float32 t (as a Python float, the same float32 again)."""
+    short = float(np.format_float_positional(t, unique=True, trim="-"))
+    return short if np.float32(short) == t else float(t)
 
 
 def _plain(value: float | list[float] | None) -> float | list[float] | None:

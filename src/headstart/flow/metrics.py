@@ -4,7 +4,17 @@ Steps only append detached logits and targets to a buffer; the stateful torchmet
 rows when the buffer is flushed (at `compute`, or every `flush_every` batches to bound memory), so a training step
 pays microseconds for its metrics, and empty batches do not drag averages down.
 
-Names (`compute()` keys), per task path, besides `<path>/count` (rows where it applies) and `<path>/loss`:
+The epoch loss (`loss`) does not depend on how the rows were batched or shared between processes: each task's loss
+is its mean over all the epoch's rows where it applies (every batch mean weighted by what it was a mean over), and
+the flow loss combines those the way a step combines a batch's (the tasks' weights, or the uncertainty weighting with
+its current parameters); a task that applies nowhere adds nothing, and where no task applies there is no loss.
+
+Nothing non-finite turns into a number: a NaN loss makes the epoch loss NaN, and a task whose logits were NaN on any
+row reports NaN for its scores (an accuracy of NaN-decided rows would look like a real one). A task that applied to
+no row reports only its `count` (0): no loss, no score, no `e2e_acc`; absent, not perfect.
+
+Names (`compute()` keys), per task path, besides `<path>/count` (rows where it applies) and `<path>/loss` (flows of
+more than one task):
 - binary: `acc`, `precision`, `recall`, `f1`, `auroc` (only when both classes occur), at the flow's threshold;
 - multiclass: `acc` (top-1), `top{k}_acc` with k = min(3, C - 1) when C > 2, `f1` (macro); `confusion(path)`;
 - multilabel: `f1_<class>` per class, `f1` (their mean), `acc` (per-element accuracy), at the flow's thresholds;
@@ -18,6 +28,7 @@ Names (`compute()` keys), per task path, besides `<path>/count` (rows where it a
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -75,7 +86,7 @@ def _score_metrics(task: Task) -> dict:
 
 
 class FlowMetrics(nn.Module):
-    """`compute()` gives {"loss", "<path>/loss" (when given), "<path>/count", "<path>/<metric>"}; see the module doc."""
+    """`compute()` gives {"loss", "<path>/loss", "<path>/count", "<path>/<metric>"}; see the module doc."""
 
     def __init__(self, flow: TaskFlow, tolerance: float = 0.05, flush_every: int = 256) -> None:
         super().__init__()
@@ -87,34 +98,60 @@ class FlowMetrics(nn.Module):
         self.positives = nn.ModuleDict()
         self.confusions = nn.ModuleDict()
         self.counts = nn.ModuleDict()
+        self.nan_rows = nn.ModuleDict()
         self.e2e_right = nn.ModuleDict()
         self.e2e_rows = nn.ModuleDict()
+        self.loss_sums = nn.ModuleDict()
+        self.loss_denominators = nn.ModuleDict()
         for path, task in flow.tasks.items():
             k = _key(path)
             self.scores[k] = _scores(task)
-            self.counts[k] = SumMetric()
-            self.e2e_right[k] = SumMetric()
-            self.e2e_rows[k] = SumMetric()
+            for sums in (
+                self.counts,
+                self.nan_rows,
+                self.e2e_right,
+                self.e2e_rows,
+                self.loss_sums,
+                self.loss_denominators,
+            ):
+                sums[k] = _sum()
             if task.kind == "binary":
                 self.aurocs[k] = BinaryAUROC()
-                self.positives[k] = SumMetric()
+                self.positives[k] = _sum()
             if task.kind == "multiclass":
                 self.confusions[k] = MulticlassConfusionMatrix(len(task.classes))
-        self.loss_sums = nn.ModuleDict()
-        self.rows = SumMetric()
+        self.extra_sum = _sum()
+        self.rows = _sum()
+        # The loss weighting a step used (an UncertaintyWeighting), kept out of this module's children: its
+        # parameters belong to the model, not to the metrics' state.
+        self.__dict__["_weighting"] = None
         self._pending: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
-        self._loss_pending: dict[str, torch.Tensor] = {}
+        self._loss_pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._extra_pending: torch.Tensor | None = None
         self._rows_pending = 0
 
     def update(
         self,
         logits: Mapping[str, torch.Tensor],
         targets: Mapping[str, torch.Tensor],
-        losses: Mapping[str, torch.Tensor] | None = None,
+        task_losses: Mapping[str, torch.Tensor] | None = None,
+        *,
+        class_weights: Mapping[str, torch.Tensor] | None = None,
+        weighting: nn.Module | None = None,
+        extra_loss: torch.Tensor | None = None,
     ) -> None:
-        """Record a batch. `losses` ({name: batch mean}) are averaged over rows, weighted by batch size; a task's
-        own loss (`<path>/loss`, the mean over the rows where the task applies) by the number of those rows, so that
-        its epoch value does not depend on how the rows were batched (or shared between processes)."""
+        """Record a batch.
+
+        `task_losses`: {task path: its loss on this batch}, as `TaskFlow.loss` returns them, computed with
+        `class_weights` (the same ones, so that each batch mean is weighted by what it was a mean over) and combined
+        in the step by `weighting` (None: the tasks' static weights). `extra_loss`: a batch mean over rows that the
+        step added to the flow loss (e.g. feature distillation); averaged over rows, it adds to the epoch loss.
+        """
+        unknown = [path for path in task_losses or {} if path not in self.flow.tasks]
+        if unknown:
+            raise ValueError(
+                f"task_losses maps task paths to their losses; {unknown[0]!r} is no task of this flow"
+            )
         n = next(iter(targets.values())).shape[0]
         self._pending.append(
             (
@@ -122,21 +159,24 @@ class FlowMetrics(nn.Module):
                 {p: targets[p].detach() for p in self.flow.leaf_paths},
             )
         )
-        masks = self.flow.masks(targets) if any(self._task_of(k) for k in losses or {}) else {}
-        for name, value in (losses or {}).items():
-            task = self._task_of(name)
-            weighted = value.detach() * (masks[task].sum() if task else n)
-            self._loss_pending[name] = (
-                self._loss_pending[name] + weighted if name in self._loss_pending else weighted
-            )
+        if task_losses:
+            self.__dict__["_weighting"] = weighting
+            masks = self.flow.masks(targets)
+            class_weights = class_weights or {}
+            for path, value in task_losses.items():
+                task = self.flow.tasks[path]
+                amount = task.loss_denominator(targets[path], masks[path], class_weights.get(path)).float()
+                weighted = value.detach().float() * amount
+                if path in self._loss_pending:
+                    total, amounts = self._loss_pending[path]
+                    weighted, amount = total + weighted, amounts + amount
+                self._loss_pending[path] = (weighted, amount)
+        if extra_loss is not None:
+            weighted = extra_loss.detach().float() * n
+            self._extra_pending = weighted if self._extra_pending is None else self._extra_pending + weighted
         self._rows_pending += n
         if len(self._pending) >= self.flush_every:
-            self._flush_rows()
-
-    def _task_of(self, loss_name: str) -> str | None:
-        """The task path of a per-task loss name (`<path>/loss`), else None."""
-        path = loss_name.removesuffix("/loss")
-        return path if path != loss_name and path in self.flow.tasks else None
+            self._flush()
 
     def _flush_rows(self) -> None:
         if not self._pending:
@@ -152,6 +192,8 @@ class FlowMetrics(nn.Module):
             k, mask, target = _key(path), masks[path], targets[path]
             value = task.decode(logits[path], self.flow.thresholds.get(path))
             self.counts[k].update(mask.sum())
+            nan = torch.isnan(logits[path])
+            self.nan_rows[k].update((nan.flatten(1).any(1) if nan.dim() > 1 else nan).sum())
             if bool(mask.any()):
                 self._update_scores(task, k, logits[path][mask], value[mask], target[mask])
             rows = known[path] & (~holds[path] | mask)
@@ -167,7 +209,7 @@ class FlowMetrics(nn.Module):
         if task.kind == "binary":
             truth = (target > 0.5).long()
             self.scores[k].update(value.long(), truth)
-            self.aurocs[k].update(torch.sigmoid(logits.float()), truth)
+            self.aurocs[k].update(task.probabilities(logits), truth)
             self.positives[k].update(truth.sum())
         elif task.kind == "multiclass":
             truth = target.long()
@@ -181,48 +223,53 @@ class FlowMetrics(nn.Module):
 
     def _flush(self) -> None:
         self._flush_rows()
-        for name, value in self._loss_pending.items():
-            key = _key(name.replace("/", "::"))
-            if key not in self.loss_sums:
-                self.loss_sums[key] = SumMetric().to(value.device)
-            self.loss_sums[key].update(value)
+        for path, (weighted, amount) in self._loss_pending.items():
+            self.loss_sums[_key(path)].update(weighted)
+            self.loss_denominators[_key(path)].update(amount)
+        if self._extra_pending is not None:
+            self.extra_sum.update(self._extra_pending)
         if self._rows_pending:
             self.rows.update(torch.tensor(float(self._rows_pending), device=self.rows.device))
-        self._loss_pending, self._rows_pending = {}, 0
+        self._loss_pending, self._extra_pending, self._rows_pending = {}, None, 0
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The epoch's values; across processes (DDP) every metric is synchronized, so all ranks get the same."""
         self._flush()
-        self._share_loss_names()
         out: dict[str, torch.Tensor] = {}
-        rows = _total(self.rows)
-        for key, metric in self.loss_sums.items():
-            name = key.replace("::", "/").replace("__", ".")
-            task = self._task_of(name)
-            total = _total(self.counts[_key(task)]) if task else rows
-            if total > 0:
-                out[name] = _total(metric) / total
+        task_losses: dict[str, torch.Tensor] = {}
         for path, task in self.flow.tasks.items():
             k = _key(path)
-            count = _total(self.counts[k])
+            # Every rank computes every sum, in the same order: each compute is a collective under DDP.
+            count, nan_rows = _total(self.counts[k]), _total(self.nan_rows[k])
+            loss_sum, amount = _total(self.loss_sums[k]), _total(self.loss_denominators[k])
+            e2e_right, e2e_rows = _total(self.e2e_right[k]), _total(self.e2e_rows[k])
             out[f"{path}/count"] = count
-            if count > 0:
-                out.update(self._task_scores(task, k, count))
-            e2e_rows = _total(self.e2e_rows[k])
+            if not count > 0:
+                continue
+            if amount > 0:
+                task_losses[path] = loss_sum / amount
+            scores = self._task_scores(task, k, count)
             if e2e_rows > 0:
-                out[f"{path}/e2e_acc"] = _total(self.e2e_right[k]) / e2e_rows
+                scores[f"{path}/e2e_acc"] = e2e_right / e2e_rows
+            if nan_rows > 0:
+                scores = {name: torch.full_like(v.float(), math.nan) for name, v in scores.items()}
+            out.update(scores)
+        if len(self.flow.tasks) > 1:
+            out.update({f"{path}/loss": loss for path, loss in task_losses.items()})
+        rows, extra = _total(self.rows), _total(self.extra_sum)
+        if task_losses:
+            out["loss"] = self._flow_loss(task_losses) + (extra / rows if rows > 0 else 0.0)
         return {name: value.float() if value.dtype != torch.bool else value for name, value in out.items()}
 
-    def _share_loss_names(self) -> None:
-        """Across processes, give every rank the same loss sums (a rank may have seen no batch), so that all ranks
-        synchronize the same metrics in the same order."""
-        if not _distributed():
-            return
-        names: list[list[str]] = [[] for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather_object(names, sorted(self.loss_sums.keys()))
-        for key in sorted(set().union(*names)):
-            if key not in self.loss_sums:
-                self.loss_sums[key] = SumMetric().to(self.rows.device)
+    def _flow_loss(self, task_losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tasks' epoch losses combined as a step combines its batch's (`TaskFlow.loss`); only tasks that
+        applied somewhere are given."""
+        weights = {p: t.weight for p, t in self.flow.tasks.items()}
+        weighting = self.__dict__["_weighting"]
+        if weighting is None:
+            return sum(weights[p] * loss for p, loss in task_losses.items())
+        with torch.no_grad():
+            return weighting(task_losses, dict.fromkeys(task_losses, True), weights).detach()
 
     def _task_scores(self, task: Task, k: str, count: torch.Tensor) -> dict[str, torch.Tensor]:
         values = self.scores[k].compute()
@@ -252,20 +299,28 @@ class FlowMetrics(nn.Module):
         return self.confusions[k].compute()
 
     def reset(self) -> None:
-        self._pending, self._loss_pending, self._rows_pending = [], {}, 0
+        self._pending, self._loss_pending, self._extra_pending, self._rows_pending = [], {}, None, 0
         for coll in (
             self.scores,
             self.aurocs,
             self.positives,
             self.confusions,
             self.counts,
+            self.nan_rows,
             self.e2e_right,
             self.e2e_rows,
             self.loss_sums,
+            self.loss_denominators,
         ):
             for m in coll.values():
                 m.reset()
+        self.extra_sum.reset()
         self.rows.reset()
+
+
+def _sum() -> SumMetric:
+    """A sum that keeps NaN (torchmetrics' default drops it with a warning, so a diverged epoch summed to 0)."""
+    return SumMetric(nan_strategy="disable")
 
 
 def _distributed() -> bool:

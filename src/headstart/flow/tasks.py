@@ -23,6 +23,11 @@ class FlowSpecError(ValueError):
     """A flow specification is malformed (unknown kind, missing classes, bad weight, bad condition)."""
 
 
+class NonFiniteError(ValueError):
+    """Scores are NaN (or not probabilities) where a decision is to be tuned on them: the model's outputs are not
+    finite."""
+
+
 @dataclass(frozen=True)
 class Task:
     """One leaf of a flow.
@@ -201,6 +206,19 @@ class Task:
         loss, valid = self._elementwise(logits, target, mask, class_weight)
         return loss.sum() / valid.sum().clamp(min=1)
 
+    def loss_denominator(
+        self, target: torch.Tensor, mask: torch.Tensor, class_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What `loss` is a mean over: the rows in `mask`, multilabel the labelled (row, class) entries among them,
+        multiclass with class weights the sum of those rows' class weights. Batch losses weighted by it average to
+        the loss over all the rows at once, however they were batched."""
+        if self.kind == "multilabel":
+            return (mask.unsqueeze(-1) & ~torch.isnan(target)).sum()
+        if self.kind == "multiclass" and class_weight is not None:
+            safe = torch.where(mask, target, torch.zeros_like(target)).long()
+            return torch.where(mask, class_weight.to(target.device)[safe], torch.zeros_like(target)).sum()
+        return mask.sum()
+
     def per_sample_loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """float[N]: each row's loss (multilabel: mean over its classes), 0 where the task does not apply."""
         if self.kind == "multiclass":
@@ -213,8 +231,12 @@ class Task:
         return loss
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Sigmoid (binary, multilabel, bounded_regression) or softmax (multiclass); None for regression."""
+        """Sigmoid (binary, multilabel, bounded_regression) or softmax (multiclass); None for regression.
+
+        Binary and multilabel: `decision_scores`, the float32 probabilities their thresholds are compared with."""
         logits = self.flat(logits)
+        if self.kind in ("binary", "multilabel"):
+            return decision_scores(logits)
         if self.kind == "multiclass":
             return logits.softmax(-1)
         if self.kind == "regression":
@@ -222,16 +244,19 @@ class Task:
         return torch.sigmoid(logits)
 
     def decode(self, logits: torch.Tensor, threshold: float | list[float] | None = None) -> torch.Tensor:
-        """The predicted value: binary bool[N] (sigmoid > threshold), multiclass class index long[N], multilabel
-        bool[N, C] (per-class thresholds), bounded_regression sigmoid * scale, regression the logit."""
+        """The predicted value: binary bool[N], multiclass class index long[N], multilabel bool[N, C] (per-class
+        thresholds), bounded_regression sigmoid * scale, regression the logit.
+
+        Binary and multilabel decide with one rule wherever a model runs (training metrics, evaluation, ONNX
+        bundles, Predictor): `decision_scores(logits) > float32(threshold)`. A NaN logit decides "no"."""
         logits = self.flat(logits)
         if self.kind == "multiclass":
             return logits.argmax(dim=-1)
         if self.kind in ("binary", "multilabel"):
             if threshold is None:
                 threshold = self.default_threshold()
-            th = torch.as_tensor(threshold, dtype=logits.dtype, device=logits.device)
-            return torch.sigmoid(logits) > th
+            th = torch.as_tensor(threshold, dtype=torch.float32, device=logits.device)
+            return decision_scores(logits) > th
         if self.kind == "bounded_regression":
             return torch.sigmoid(logits) * self.scale
         return logits
@@ -249,3 +274,18 @@ class Task:
         if self.kind == "bounded_regression":
             return err <= tolerance * self.scale
         return err <= tolerance * target.float().abs().clamp(min=1.0)
+
+
+def decision_scores(logits: torch.Tensor) -> torch.Tensor:
+    """float32 probabilities of binary and multilabel logits: the sigmoid of the logit taken as float32, rounded
+    once to float32.
+
+    It is evaluated in float64 and rounded: torch's float32 sigmoid differs by an ulp between its vectorized and
+    scalar paths, so the same logit could get another probability in another batch, at another position in it, or
+    on another device, and a threshold tuned between two close scores could then decide differently than tuning
+    scored. (MPS has no float64: computed on the CPU there.)
+    """
+    z = logits.float()
+    if z.device.type == "mps":
+        return torch.sigmoid(z.cpu().double()).float().to(z.device)
+    return torch.sigmoid(z.double()).float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from omegaconf import DictConfig
 from headstart.bundle import describe_image_model, write_bundle
 from headstart.callbacks import FreezeBatchNormStats
 from headstart.config import plain
-from headstart.errors import ConfigError
+from headstart.errors import ConfigError, DivergedError
 from headstart.export import check_parity, export_onnx
 from headstart.loading import LoadedModel, model_datamodule, open_image_checkpoint, run_checkpoint
 from headstart.model import HeadstartModel
@@ -96,8 +97,7 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     metric = cfg.pruning.metric
     L.seed_everything(cfg.seed, workers=True)
 
-    model.hparams.optimizer = plain(cfg.optimizer)
-    model.hparams.scheduler = plain(cfg.get("scheduler"))
+    model.use_optimizer(plain(cfg.optimizer), plain(cfg.get("scheduler")))
     model.backbone.freeze(len(model.backbone.stages))  # fine-tuning a pruned backbone: every stage trains
     if float(cfg.pruning.distill) > 0:
         model.distill_features(copy.deepcopy(model.backbone), float(cfg.pruning.distill))
@@ -253,7 +253,12 @@ def measure_step(
 def select_step(table: pd.DataFrame, metric: str, mode: str, max_drop: float) -> int:
     """The step with the fewest MACs whose metric is within `max_drop` of step 0 (the unpruned model)."""
     base = float(table.loc[table["step"] == 0, metric].iloc[0])
-    values = table[metric].astype(float)
+    if not math.isfinite(base):
+        raise DivergedError(
+            f"the unpruned model's {metric} is {base}: there is no accuracy to keep. Prune a model whose "
+            "evaluation is finite (train it again if it diverged)"
+        )
+    values = table[metric].astype(float)  # a NaN step fails both comparisons: never selected
     ok = values >= base - max_drop if mode == "max" else values <= base + max_drop
     return int(table[ok].sort_values(["macs", "step"]).iloc[0]["step"])
 

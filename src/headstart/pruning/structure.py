@@ -169,19 +169,38 @@ def apply_structure(model_or_body: nn.Module, structure: dict[str, Any]) -> nn.M
         for attr, value in attrs.items():
             if attr not in SHAPE_ATTRIBUTES or not hasattr(module, attr):
                 raise _invalid(f"module {module_name!r} ({type(module).__name__}) has no width {attr!r}")
-            setattr(module, attr, tuple(int(v) for v in value) if isinstance(value, list) else int(value))
+            setattr(module, attr, _widths(value, f"{module_name}.{attr}"))
     for tensor_name, shape in (structure.get("tensors") or {}).items():
         module_name, _, leaf = tensor_name.rpartition(".")
         try:
             module = body.get_submodule(module_name)
         except AttributeError:
             raise _invalid(f"no module {module_name!r} in backbone {name or recorded!r}") from None
-        shape = [int(n) for n in shape]
+        shape = list(_widths(shape if isinstance(shape, list) else [shape], tensor_name))
         if module._parameters.get(leaf) is not None:
             old = module._parameters[leaf]
+            _check_shrinks(tensor_name, shape, old)
             setattr(module, leaf, nn.Parameter(_resized(old, shape), requires_grad=old.requires_grad))
         elif module._buffers.get(leaf) is not None:
+            _check_shrinks(tensor_name, shape, module._buffers[leaf])
             module._buffers[leaf] = _resized(module._buffers[leaf], shape)
         else:
             raise _invalid(f"no parameter or buffer {tensor_name!r} in backbone {name or recorded!r}")
     return body
+
+
+def _widths(value: Any, where: str) -> int | tuple[int, ...]:
+    """A recorded width (an int, or a list of ints), checked: positive whole numbers only."""
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise _invalid(f"{where} is {value!r}; widths are whole numbers")
+    return tuple(values) if isinstance(value, list) else int(value)
+
+
+def _check_shrinks(name: str, shape: list[int], unpruned: Tensor) -> None:
+    """Pruning only removes channels: a recorded shape fits inside the unpruned one (so it never allocates more)."""
+    if len(shape) != unpruned.dim() or any(n > m for n, m in zip(shape, unpruned.shape, strict=True)):
+        raise _invalid(
+            f"{name} is recorded as {shape}, which does not fit inside its unpruned shape "
+            f"{list(unpruned.shape)}; pruning only removes channels"
+        )
