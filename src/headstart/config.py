@@ -304,14 +304,24 @@ def _matches(value: Any, expected: Any) -> bool:
     return isinstance(value, expected)
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    type(None): "null",
+}
 
 
 def _type_name(expected: Any) -> str:
     """How a user would say the type: 'an integer or null', not 'Optional'."""
     if typing.get_origin(expected) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(o) for o in typing.get_args(expected))
-    return _TYPE_NAMES.get(expected) or getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+    return (
+        _TYPE_NAMES.get(expected)
+        or getattr(expected, "__name__", None)
+        or str(expected).replace("typing.", "")
+    )
 
 
 def _describe(e: OmegaConfBaseException) -> str:

@@ -286,14 +286,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     truncated, damaged or not a checkpoint."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, or objects weights_only refuses: all mean "not usable"
+    except (
+        Exception
+    ) as e:  # a truncated zip, not a torch file, objects weights_only refuses: all "not usable"
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"{path} cannot be read as a checkpoint ({type(e).__name__}: {reason}): it is truncated, damaged or not "
             "a checkpoint. Pass a .ckpt written by train.py (checkpoints/last.ckpt to continue a run)"
         ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ConfigError(f"{path} is not a headstart checkpoint (no state_dict); pass a .ckpt written by train.py")
+        raise ConfigError(
+            f"{path} is not a headstart checkpoint (no state_dict); pass a .ckpt written by train.py"
+        )
     return ckpt
 
 

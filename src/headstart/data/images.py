@@ -269,7 +269,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _check_imbalance(self) -> None:
         counts = self.class_counts("train")
-        if len(counts) < 2 or min(counts) == 0:  # a class without training images is refused by training itself
+        if len(counts) < 2 or min(counts) == 0:  # a class without training images: training refuses it
             return
         ratio = max(counts) / min(counts)
         if ratio > self.imbalance_ratio and self.balance == "none":
