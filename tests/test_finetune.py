@@ -212,7 +212,10 @@ def test_linear_probe_fits_dof_features(tmp_path):
             ["finetune=freeze_unfreeze", "+finetune.epochs=3"],
             r"unknown key 'finetune\.epochs'; did you mean 'epoch'",
         ),
-        (["finetune=frozen_stages", "finetune.stages=two"], r"'finetune\.stages' must be int"),
+        (
+            ["finetune=frozen_stages", "finetune.stages=two"],
+            r"'finetune\.stages' must be an integer, got 'two'",
+        ),
     ],
 )
 def test_bad_schedule_values_are_config_errors(overrides, message, tmp_path):

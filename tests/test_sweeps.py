@@ -106,10 +106,10 @@ def test_search_configs_compose(tmp_path):
 # --- Optuna ------------------------------------------------------------------------------------------------------
 
 
-def _multirun(tmp_path: Path, data: Path, overrides: list[str]):
+def _multirun(tmp_path: Path, data: Path, overrides: list[str], fast: list[str] = FAST):
     """`train.py -m <overrides>` on the tiny data, as a user runs it; the finished process and its sweep directory."""
     result = run_script(
-        ["train.py", "-m", *overrides, *FAST, f"data.root={data}", f"paths.root_dir={tmp_path}"], cwd=ROOT
+        ["train.py", "-m", *overrides, *fast, f"data.root={data}", f"paths.root_dir={tmp_path}"], cwd=ROOT
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result, _sweep_dir(tmp_path)
@@ -140,7 +140,9 @@ def test_optuna_search_summary_and_best_experiment(tmp_path):
 # --- launchers ---------------------------------------------------------------------------------------------------
 
 
-def test_joblib_runs_optuna_trials_in_parallel_processes(tmp_path):
+def test_joblib_runs_optuna_trials_in_parallel_processes_with_the_default_data_workers(tmp_path):
+    """As users run it: data.num_workers stays at its default (2 loader workers inside each joblib process), and
+    with debug=fast_dev_run the summary agrees with Optuna's results (every finished trial is "ok")."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     data = _data(tmp_path)
@@ -153,11 +155,15 @@ def test_joblib_runs_optuna_trials_in_parallel_processes(tmp_path):
             "hydra.launcher.n_jobs=2",
             "hydra.sweeper.n_jobs=2",
             "hydra.sweeper.n_trials=2",
+            "debug=fast_dev_run",
         ],
+        fast=[o for o in FAST if not o.startswith("data.num_workers")],
     )
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 2 and (summary["status"] == "ok").all()
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert summary["val/loss"].min() == pytest.approx(results.best_value, rel=1e-6)
 
 
 def test_submitit_local_runs_jobs(tmp_path):

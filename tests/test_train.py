@@ -303,13 +303,15 @@ def test_typo_in_a_config_file_stops_before_any_work(tmp_path):
 # --- debug modes and other data ----------------------------------------------------------------------------------
 
 
-def test_fast_dev_run_runs_one_batch_and_writes_nothing(tmp_path):
+def test_fast_dev_run_runs_one_batch_and_writes_only_its_metrics(tmp_path):
     make_tree(tmp_path / "imgs", {"train": {"a": 10, "b": 10}})
     cfg = compose_train(["debug=fast_dev_run", "data=folder", f"data.root={tmp_path / 'imgs'}"], tmp_path)
     assert cfg.trainer.fast_dev_run is True
     train(cfg)
     assert list((tmp_path / "run").rglob("*.ckpt")) == []
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "model.onnx").exists() and not (tmp_path / "run" / "tensorboard").exists()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())  # what a sweep's summary reads
+    assert metrics["test/label/count"] == 2 and "val/loss" in metrics  # the held-out images: 2 val, 2 test
 
 
 def test_overfit_drives_the_loss_down(tmp_path):

@@ -223,6 +223,20 @@ class HeadstartModel(L.LightningModule):
             self.log(f"{stage}/{k}", v.float(), prog_bar=k in ("loss", "label/acc"))
         metrics.reset()
 
+    def _epoch_start(self, stage: str) -> None:
+        # Each epoch counts only its own rows. ddp_spawn hands the model back and forth between processes, metric
+        # states included: without this a stage would start from the sums of the previous spawn.
+        self.metrics[f"{stage}_metrics"].reset()
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._epoch_start("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._epoch_start("test")
+
     def on_train_epoch_end(self) -> None:
         self._epoch_end("train")
 

@@ -50,6 +50,7 @@ def resolve_resume(
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temp file, then rename), with NaN turned into null."""
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
