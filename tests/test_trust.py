@@ -434,7 +434,9 @@ def test_a_wrong_type_names_the_expected_type(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_spawn_trains_and_tests(tmp_path):
-    make_tree(tmp_path / "imgs", {"train": {"a": 6, "b": 6}, "val": {"a": 2, "b": 2}, "test": {"a": 3, "b": 2}})
+    make_tree(
+        tmp_path / "imgs", {"train": {"a": 6, "b": 6}, "val": {"a": 2, "b": 2}, "test": {"a": 3, "b": 2}}
+    )
     result = run_script(
         [
             "train.py",

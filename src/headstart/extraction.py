@@ -31,7 +31,7 @@ from tqdm import tqdm
 import headstart
 from headstart.backbones import Backbone, backbone_transform, build_backbone
 from headstart.config import plain, validate_train_config
-from headstart.data import ImageDataModule, collate_skip_none
+from headstart.data import ImageDataModule, collate_skip_none, data_flow
 from headstart.data.kfold import kfold_splits
 from headstart.dof import DofError, DofWriter, fingerprint, open_dof
 from headstart.dof.files import exclusive_lock
@@ -68,13 +68,6 @@ def files_sha256(datamodule: ImageDataModule) -> str:
         h.update(task.encode())
         h.update(np.ascontiguousarray(values, dtype=np.float64).tobytes())
     return h.hexdigest()
-
-
-def data_flow(datamodule: ImageDataModule) -> dict[str, Any]:
-    """The flow spec of the data's tasks and classes (a folder data set: one multiclass task `label`)."""
-    return getattr(datamodule, "flow_spec", None) or {
-        "tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}
-    }
 
 
 def dof_spec(

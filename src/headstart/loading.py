@@ -25,6 +25,7 @@ from headstart.bundle import (
     open_graph,
     verify_graph,
 )
+from headstart.data import data_flow
 from headstart.data.recorded import datamodule_from_record
 from headstart.errors import ConfigError, DataError, ExportError, HeadstartError
 from headstart.export import Wording, export_onnx, read_metadata
@@ -280,8 +281,6 @@ def model_datamodule(data_cfg: Any, loaded: LoadedModel, split: str) -> L.Lightn
 
 def check_tasks(flow: TaskFlow, datamodule: L.LightningDataModule) -> None:
     """DataError unless the data answers every task of `flow` with the same kind and classes."""
-    from headstart.training import data_flow
-
     data = TaskFlow.from_spec(data_flow(datamodule))
     for path, task in flow.tasks.items():
         other = data.tasks.get(path)

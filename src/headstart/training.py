@@ -23,6 +23,7 @@ from headstart.benefit import describe, dof_benefit
 from headstart.callbacks import EpochCostTimer
 from headstart.config import plain, recorded_config, validate_train_config
 from headstart.cost import CostReport
+from headstart.data import data_flow
 from headstart.data.features import FeatureDataModule
 from headstart.errors import ConfigError, DataError, DivergedError
 from headstart.extraction import dof_for_config, frozen_backbone
@@ -60,14 +61,6 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
         datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
-
-
-def data_flow(datamodule: L.LightningDataModule) -> dict:
-    """The flow the data answers: its own (a multi-task table, a DoF set), or one multiclass task `label`."""
-    spec = getattr(datamodule, "flow_spec", None)
-    if spec:
-        return spec
-    return {"tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}}
 
 
 def build_model(

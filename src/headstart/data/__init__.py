@@ -17,6 +17,7 @@ from headstart.data.images import (
     ImageDataset,
     ImbalanceWarning,
     collate_skip_none,
+    data_flow,
     load_rgb,
 )
 from headstart.data.kfold import check_kfold, kfold_assign, kfold_splits
@@ -58,6 +59,7 @@ __all__ = [
     "check_kfold",
     "collate_skip_none",
     "csv_table",
+    "data_flow",
     "folder_table",
     "kfold_assign",
     "kfold_splits",

@@ -109,6 +109,14 @@ class ImageDataset(Dataset):
         }
 
 
+def data_flow(datamodule: Any) -> dict[str, Any]:
+    """The flow spec of the tasks a DataModule answers: its own (a multi-task table, a DoF set), or one multiclass
+    task `label` with the data's classes (a folder or a CSV of single labels)."""
+    return getattr(datamodule, "flow_spec", None) or {
+        "tasks": {"label": {"kind": "multiclass", "classes": list(datamodule.classes)}}
+    }
+
+
 def worker_context(num_workers: int) -> Any:
     """The multiprocessing context for DataLoader workers: None (torch's default) except inside a joblib worker
     (hydra/launcher=joblib), whose default start method 'loky' cannot start them; there the platform's standard

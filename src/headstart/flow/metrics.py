@@ -106,14 +106,7 @@ class FlowMetrics(nn.Module):
         for path, task in flow.tasks.items():
             k = _key(path)
             self.scores[k] = _scores(task)
-            for sums in (
-                self.counts,
-                self.nan_rows,
-                self.e2e_right,
-                self.e2e_rows,
-                self.loss_sums,
-                self.loss_denominators,
-            ):
+            for sums in self._sums():
                 sums[k] = _sum()
             if task.kind == "binary":
                 self.aurocs[k] = BinaryAUROC()
@@ -298,20 +291,20 @@ class FlowMetrics(nn.Module):
             return None
         return self.confusions[k].compute()
 
-    def reset(self) -> None:
-        self._pending, self._loss_pending, self._extra_pending, self._rows_pending = [], {}, None, 0
-        for coll in (
-            self.scores,
-            self.aurocs,
-            self.positives,
-            self.confusions,
+    def _sums(self) -> tuple[nn.ModuleDict, ...]:
+        """The per-task sums (each a SumMetric per task path)."""
+        return (
             self.counts,
             self.nan_rows,
             self.e2e_right,
             self.e2e_rows,
             self.loss_sums,
             self.loss_denominators,
-        ):
+        )
+
+    def reset(self) -> None:
+        self._pending, self._loss_pending, self._extra_pending, self._rows_pending = [], {}, None, 0
+        for coll in (self.scores, self.aurocs, self.positives, self.confusions, *self._sums()):
             for m in coll.values():
                 m.reset()
         self.extra_sum.reset()
