@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from headstart.bundle import describe_image_model, write_bundle
 from headstart.callbacks import DivergenceGuard
-from headstart.config import plain
+from headstart.config import plain, recorded_config
 from headstart.data import folder_table, make_security
 from headstart.dof import open_dof
 from headstart.entry import run_guarded
@@ -150,6 +150,16 @@ def test_a_checkpoints_recorded_optimizer_is_never_built(images, tmp_path):
     model.use_optimizer(OPTIMIZER)
     assert isinstance(model.configure_optimizers(), torch.optim.AdamW)
     assert images.is_dir()
+
+
+def test_a_model_records_its_paths_absolute_as_they_were_given(tmp_path, monkeypatch):
+    """Read from another working directory (a notebook's kernel runs in notebooks/), the recorded data is the same
+    files; and not normalized, so a rebuilt sample table (the DoF fingerprint) has the very same paths."""
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_train(["data=folder", "data.root=../imgs", "paths.root_dir=."], tmp_path)
+    record = recorded_config(cfg)
+    assert record["data"]["root"] == str(tmp_path / ".." / "imgs")
+    assert record["paths"]["data_dir"] == str(tmp_path / "data") and "hydra" not in record
 
 
 # ---- 3. a diverged run ships nothing ------------------------------------------------------------------------------

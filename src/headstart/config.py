@@ -12,6 +12,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_object
@@ -162,7 +163,7 @@ def recorded_config(cfg: DictConfig) -> dict:
             continue
         if key == "backbone.weights" and not os.path.exists(os.path.expanduser(value)):
             continue  # "pretrained", "none", a download name
-        node[leaf] = os.path.abspath(os.path.expanduser(value))
+        node[leaf] = str(Path(value).expanduser().absolute())  # not normalized: data tables keep the same paths
     return record
 
 

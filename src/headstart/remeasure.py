@@ -126,8 +126,8 @@ def recorded_datamodule(record: Mapping, model, source: str):
     ) / fingerprint(spec)
     if not (Path(path) / "manifest.json").is_file():
         raise ConfigError(
-            f"the DoF set {source} was trained on is not at {path} any more; extract it again with extract.py "
-            "and the run's config, then re-measure"
+            f"{source} was trained on the DoF set {path}, which is not there any more; extract it again with "
+            "extract.py and the run's config, then re-measure"
         )
     return FeatureDataModule(
         path,
