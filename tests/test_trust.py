@@ -130,6 +130,16 @@ def test_no_entry_point_runs_code_named_in_a_model_file(images, tmp_path):
     assert zoo_main([str(tmp_path / "runs"), "--verify", "--out", str(tmp_path / "zoo")]) == 1
     assert "plain data only" in (tmp_path / "zoo" / "zoo.md").read_text()
 
+    # a DoF set's manifest is read, never built: an injected object is refused as an edit of the manifest
+    make_tree(tmp_path / "few", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    overrides = ["data=folder", f"data.root={tmp_path / 'few'}", "extract.progress=false"]
+    dof_path = extract(compose_train(overrides, tmp_path / "x", config="extract"))
+    manifest = json.loads((dof_path / "manifest.json").read_text())
+    manifest["meta"]["flow"]["tasks"]["label"] = record["data"]["root"]
+    (dof_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"manifest\.json of DoF set .* was edited"):
+        train(compose_train([*overrides, "features=true"], tmp_path / "x"))
+
     # a sweep job's recorded config is read into best_experiment.yaml, never built
     sweep = tmp_path / "sweep"
     fake_job(sweep / "0", tmp_path, ["experiment=digits", f"paths.root_dir={tmp_path}"], {"val/loss": 1.0})
