@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from headstart.entry import run_guarded
-from headstart.evaluation import evaluate
+from headstart.evaluate.evaluation import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from headstart.entry import run_guarded
-from headstart.pruning.recipe import prune
+from headstart.prune.recipe import prune
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prune")

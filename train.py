@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from headstart.entry import run_guarded
-from headstart.training import train
+from headstart.train.recipe import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

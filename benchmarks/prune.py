@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from headstart.evaluation import run_split
-from headstart.loading import load_model, model_datamodule
-from headstart.pruning.recipe import prune
-from headstart.runtime import OnnxRunner, default_threads
+from headstart.evaluate.evaluation import run_split
+from headstart.evaluate.loading import load_model, model_datamodule
+from headstart.prune.recipe import prune
+from headstart.serve.runtime import OnnxRunner, default_threads
 from headstart.speed import time_calls
-from headstart.training import train
+from headstart.train.recipe import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "dog_cat_small"

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/runtime.py [--threads N] [--runs 6] [--models resnet18,efficientnet_lite0]
 
 For each model: batch-1 latency (p50/p90 ms over repeated single calls) and batch-32 throughput (images/s from the
-median time per call) of the eval model under torch.inference_mode and of its ONNX export (headstart.export) run
-through headstart.runtime.OnnxRunner, the ratio ORT/eager, and the same ratio on the fastest calls (the least noisy
+median time per call) of the eval model under torch.inference_mode and of its ONNX export (headstart.ship.export) run
+through headstart.serve.runtime.OnnxRunner, the ratio ORT/eager, and the same ratio on the fastest calls (the least noisy
 estimate on a shared machine). Torch and ORT use the same intra-op thread count (--threads, default all the cores
 this process may use).
 
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headstart.export import export_onnx, input_size
-from headstart.model import HeadstartModel
-from headstart.runtime import OnnxRunner, default_threads
+from headstart.core.model import HeadstartModel
+from headstart.serve.runtime import OnnxRunner, default_threads
+from headstart.ship.export import export_onnx, input_size
 from headstart.speed import machine_info, summarize, time_calls
 
 WEIGHTS = {"resnet18": None, "efficientnet_lite0": "pretrained"}

@@ -20,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from headstart.training import build_callbacks, build_datamodule, build_loggers, build_model
+from headstart.train.recipe import build_callbacks, build_datamodule, build_loggers, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,16 +10,16 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from headstart import backbones
-from headstart.backbones import (
+from headstart.core import backbones
+from headstart.core.backbones import (
     Backbone,
     available_backbones,
     backbone_transform,
     build_backbone,
     efficientnet_lite0_imagenet,
 )
+from headstart.core.transforms import InputTransform, eval_transform
 from headstart.errors import ConfigError, WeightsError
-from headstart.transforms import InputTransform, eval_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -28,8 +28,11 @@ from conftest import make_image
 from PIL import Image
 from safetensors.torch import load_file
 
-import headstart.bundle
-from headstart.bundle import (
+import headstart.serve.bundle
+from headstart.core.model import HeadstartModel
+from headstart.core.transforms import eval_transform
+from headstart.errors import BundleError, DataError
+from headstart.serve.bundle import (
     default_cache_dir,
     fetch_bundle,
     read_sums,
@@ -37,11 +40,8 @@ from headstart.bundle import (
     write_bundle,
     write_head_update,
 )
-from headstart.errors import BundleError, DataError
-from headstart.export import export_head_onnx, read_metadata
-from headstart.model import HeadstartModel
-from headstart.predictor import Predictor, decode, to_pil
-from headstart.transforms import eval_transform
+from headstart.serve.predictor import Predictor, decode, to_pil
+from headstart.ship.export import export_head_onnx, read_metadata
 
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True}
 FLOW = {
@@ -529,7 +529,7 @@ def test_a_bundle_loads_from_a_url_into_the_cache_and_then_offline(
     assert sorted(f.name for f in folder.iterdir()) == FILES
     for f in folder.iterdir():
         assert f.read_bytes() == (full / f.name).read_bytes()
-    monkeypatch.setattr(headstart.bundle.urllib.request, "urlopen", _no_network)
+    monkeypatch.setattr(headstart.serve.bundle.urllib.request, "urlopen", _no_network)
     again = Predictor.load(f"{url}/bundle", cache_dir=cache, threads=1)  # the server is gone
     assert again.predict(pixels) == predictor.predict(pixels)
 
@@ -834,7 +834,7 @@ def test_a_bundle_without_sha256sums_is_refused_by_predict_py_and_every_loader(
 ):
     from conftest import ROOT, run_script
 
-    from headstart.loading import load_model
+    from headstart.evaluate.loading import load_model
 
     b = _copy(full, tmp_path / "b")
     (b / "model.onnx").write_bytes((other[1] / "model.onnx").read_bytes())  # another model's graph
@@ -859,7 +859,7 @@ def test_a_bundle_without_sha256sums_is_refused_by_predict_py_and_every_loader(
 
 
 def test_predict_py_runs_a_head_update_on_its_base(head_update, full, image_files):
-    from headstart.loading import load_model
+    from headstart.evaluate.loading import load_model
 
     loaded = load_model(head_update, base=full, threads=1)
     expected = Predictor.load(head_update, base=full, threads=1)
@@ -884,7 +884,7 @@ def _run_dir(model: HeadstartModel, graph: Path, dest: Path) -> Path:
 
 def test_a_run_directorys_model_onnx_must_reproduce_its_checkpoint(model, full, other, tmp_path, x):
     from headstart.errors import ExportError
-    from headstart.loading import load_model
+    from headstart.evaluate.loading import load_model
 
     good = load_model(_run_dir(model, full / "model.onnx", tmp_path / "good"), threads=1)
     assert good.kind == "onnx" and good.source == str(tmp_path / "good" / "model.onnx")
@@ -919,7 +919,7 @@ def test_a_run_directorys_model_onnx_must_reproduce_its_checkpoint(model, full, 
 
 
 def test_a_run_directory_without_checkpoints_runs_its_verified_bundle(full, other, tmp_path, pixels):
-    from headstart.loading import load_model
+    from headstart.evaluate.loading import load_model
 
     run = tmp_path / "run"
     _copy(full, run / "bundle")
@@ -936,7 +936,7 @@ def test_a_run_directory_without_checkpoints_runs_its_verified_bundle(full, othe
 
 def test_a_lone_onnx_file_is_checked_against_its_own_description(full, head_update, tmp_path):
     from headstart.errors import ConfigError
-    from headstart.loading import load_model
+    from headstart.evaluate.loading import load_model
 
     desc = json.loads((full / "model.json").read_text())
     desc["transform"]["resize"] = 1_000_000

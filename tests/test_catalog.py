@@ -1,4 +1,4 @@
-"""`python -m headstart.backbones`: the backbone catalog, its sizes and where pretrained weights are."""
+"""`python -m headstart.core.backbones`: the backbone catalog, its sizes and where pretrained weights are."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 
-from headstart.backbones import available_backbones, build_backbone
-from headstart.catalog import describe_backbone, pretrained_offline
+from headstart.core.backbones import available_backbones, build_backbone
+from headstart.core.catalog import describe_backbone, pretrained_offline
 
 
 def test_catalog_lists_every_backbone_with_sizes_and_offline_weights() -> None:
-    result = run_script(["-m", "headstart.backbones", "--json"], cwd=ROOT, timeout=300)
+    result = run_script(["-m", "headstart.core.backbones", "--json"], cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = {r["name"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert sorted(rows) == available_backbones()
@@ -30,7 +30,7 @@ def test_catalog_lists_every_backbone_with_sizes_and_offline_weights() -> None:
 
 
 def test_table_output_names_the_backbones() -> None:
-    result = run_script(["-m", "headstart.backbones"], cwd=ROOT, timeout=300)
+    result = run_script(["-m", "headstart.core.backbones"], cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     for name in ("efficientnet_lite0", "resnet18", "small_cnn"):
         assert name in result.stdout
@@ -59,6 +59,8 @@ def test_timm_models_are_described_without_weights() -> None:
 
 
 def test_unknown_timm_pattern_is_a_clear_error() -> None:
-    result = run_script(["-m", "headstart.backbones", "--timm", "no_such_model_*"], cwd=ROOT, timeout=300)
+    result = run_script(
+        ["-m", "headstart.core.backbones", "--timm", "no_such_model_*"], cwd=ROOT, timeout=300
+    )
     assert result.returncode == 2
     assert "matches no timm model" in result.stderr

@@ -1,4 +1,4 @@
-"""`python -m headstart.compare`: several runs' validation curves from their TensorBoard events, as PNG and CSV."""
+"""`python -m headstart.tools.compare`: several runs' validation curves from their TensorBoard events, as PNG and CSV."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import ROOT, run_script
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from headstart.compare import compare_runs, find_runs, read_curves, run_labels
+from headstart.tools.compare import compare_runs, find_runs, read_curves, run_labels
 
 
 def _fake_run(run: Path, overrides: list[str], losses: list[float], steps_per_epoch: int = 10) -> Path:
@@ -86,7 +86,15 @@ def test_cli_on_a_real_run_and_its_errors(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "cmp"
     result = run_script(
-        ["-m", "headstart.compare", str(tmp_path / "outputs"), "--metrics", "val/loss", "--out", str(out)],
+        [
+            "-m",
+            "headstart.tools.compare",
+            str(tmp_path / "outputs"),
+            "--metrics",
+            "val/loss",
+            "--out",
+            str(out),
+        ],
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
@@ -95,10 +103,10 @@ def test_cli_on_a_real_run_and_its_errors(tmp_path: Path) -> None:
     assert out.with_suffix(".png").is_file()
 
     result = run_script(
-        ["-m", "headstart.compare", str(tmp_path / "outputs"), "--metrics", "val/nothing"], cwd=ROOT
+        ["-m", "headstart.tools.compare", str(tmp_path / "outputs"), "--metrics", "val/nothing"], cwd=ROOT
     )
     assert result.returncode == 2 and "no run has a scalar matching val/nothing" in result.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_script(["-m", "headstart.compare", str(empty)], cwd=ROOT)
+    result = run_script(["-m", "headstart.tools.compare", str(empty)], cwd=ROOT)
     assert result.returncode == 2 and "no TensorBoard event files" in result.stderr

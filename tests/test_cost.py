@@ -10,11 +10,11 @@ from conftest import compose_train, make_tree
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from headstart.config import validate_train_config
-from headstart.cost import count_macs, count_params, describe_counts, shipped_model
+from headstart.core.model import HeadstartModel
 from headstart.errors import ConfigError
-from headstart.model import HeadstartModel
-from headstart.training import train
+from headstart.train.config import validate_train_config
+from headstart.train.cost import count_macs, count_params, describe_counts, shipped_model
+from headstart.train.recipe import train
 
 FLOW = {"tasks": {"label": {"kind": "multiclass", "classes": ["a", "b", "c"]}}}
 ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
@@ -77,7 +77,7 @@ def test_a_run_records_its_cost_in_metrics_json_cost_json_and_tensorboard(tmp_pa
         ],
         tmp_path,
     )
-    with caplog.at_level("INFO", logger="headstart.cost"):
+    with caplog.at_level("INFO", logger="headstart.train.cost"):
         train(cfg)
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())

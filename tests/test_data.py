@@ -15,6 +15,7 @@ from conftest import SHARED_DATA, make_image, make_tree
 from PIL import Image
 from torch.utils.data import WeightedRandomSampler
 
+from headstart.core.transforms import InputTransform, eval_transform
 from headstart.data import (
     BadImageWarning,
     CsvDataModule,
@@ -29,7 +30,6 @@ from headstart.data import (
 )
 from headstart.data.pets import build_dog_cat, main
 from headstart.errors import ConfigError, DataError
-from headstart.transforms import InputTransform, eval_transform
 
 T16 = InputTransform(resize=16, crop=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, compose_train, make_tree, run_script
 
-import headstart.extraction as extraction
+import headstart.train.extraction as extraction
 from headstart.dof import open_dof
 from headstart.errors import ConfigError, DataError
 

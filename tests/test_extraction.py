@@ -11,13 +11,13 @@ import torch
 from conftest import ROOT, compose_train, make_tree, run_script, shared_data
 
 from headstart import Predictor
+from headstart.core.model import HeadstartModel
 from headstart.data.features import FeatureDataModule, RowBatchSampler
 from headstart.dof import DofWriter, open_dof
 from headstart.errors import ConfigError, DataError
-from headstart.extraction import extract
-from headstart.model import HeadstartModel
-from headstart.reattach import check_reattached
-from headstart.training import train
+from headstart.train.extraction import extract
+from headstart.train.reattach import check_reattached
+from headstart.train.recipe import train
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from headstart.config import validate_train_config
 from headstart.errors import ConfigError
-from headstart.finetune import FrozenStages
-from headstart.training import build_callbacks, build_datamodule, build_model, train
+from headstart.train.config import validate_train_config
+from headstart.train.finetune import FrozenStages
+from headstart.train.recipe import build_callbacks, build_datamodule, build_model, train
 
 LR = 0.01
 EPOCHS = 3

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from headstart.core.model import HeadstartModel
+from headstart.core.transforms import InputTransform, eval_transform
 from headstart.errors import ConfigError
-from headstart.gradcam import grad_cam, overlay, target_layer
-from headstart.model import HeadstartModel
-from headstart.transforms import InputTransform, eval_transform
+from headstart.evaluate.gradcam import grad_cam, overlay, target_layer
 from tests.conftest import shared_data
 
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}

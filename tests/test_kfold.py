@@ -11,16 +11,16 @@ import pandas as pd
 import pytest
 from conftest import ROOT, compose_train, make_image, make_tree, run_script
 
-from headstart.config import validate_train_config
-from headstart.crossval import fold_summary
+from headstart.core.transforms import InputTransform
 from headstart.data import CsvDataModule, FolderDataModule, TableDataModule
 from headstart.data.features import FeatureDataModule
 from headstart.data.kfold import kfold_assign
 from headstart.errors import ConfigError
-from headstart.extraction import find_or_extract
-from headstart.sweeps import _best_fold_setting_job
-from headstart.training import build_datamodule
-from headstart.transforms import InputTransform
+from headstart.train.config import validate_train_config
+from headstart.train.crossval import fold_summary
+from headstart.train.extraction import find_or_extract
+from headstart.train.recipe import build_datamodule
+from headstart.train.sweeps import _best_fold_setting_job
 
 T16 = InputTransform(resize=16, crop=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 # train+val pool: a 9, b 7, c 5 (21 samples); test: 2 of each

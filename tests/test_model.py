@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from headstart.core.model import HeadstartModel
 from headstart.errors import ConfigError
-from headstart.model import HeadstartModel
 
 FLOW = {"tasks": {"label": {"kind": "multiclass", "classes": ["a", "b", "c"]}}}
 ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.01}

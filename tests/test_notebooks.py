@@ -12,7 +12,7 @@ from conftest import ROOT, shared_data
 from nbclient import NotebookClient
 
 from headstart.errors import HeadstartError
-from headstart.notebook import run
+from headstart.tools.notebook import run
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # real data a notebook reads from ../shared/data; without it the notebook cannot run and its test skips
@@ -75,7 +75,7 @@ def test_notebook_runs_top_to_bottom(path: Path, repository_outputs: set[Path]):
     assert not any((path.parent / top).exists() for top in WRITTEN), "nothing is written beside the notebooks"
 
 
-# ---- headstart.notebook.run: the scripts as on the command line ---------------------------------------------------
+# ---- headstart.tools.notebook.run: the scripts as on the command line ---------------------------------------------------
 
 
 @pytest.mark.slow

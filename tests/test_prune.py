@@ -13,12 +13,12 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from headstart import Predictor
+from headstart.core.model import HeadstartModel
 from headstart.errors import ConfigError, DataError
-from headstart.evaluation import evaluate
-from headstart.export import check_parity
-from headstart.model import HeadstartModel
-from headstart.pruning.recipe import prune, select_step
-from headstart.training import train
+from headstart.evaluate.evaluation import evaluate
+from headstart.prune.recipe import prune, select_step
+from headstart.ship.export import check_parity
+from headstart.train.recipe import train
 
 FAST_SPEED = ["speed.min_runs=3", "speed.min_seconds=0.05", "speed.throughput_batch=4"]
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from headstart.core.model import HeadstartModel
 from headstart.errors import ConfigError
-from headstart.export import check_parity, export_onnx
-from headstart.model import HeadstartModel
-from headstart.pruning import (
+from headstart.prune import (
     IMPORTANCES,
     PruningError,
     apply_structure,
@@ -23,6 +22,7 @@ from headstart.pruning import (
     prune_step,
     pruned_structure,
 )
+from headstart.ship.export import check_parity, export_onnx
 
 FLOW = {"tasks": {"spam": {"kind": "binary"}, "label": {"kind": "multiclass", "classes": ["a", "b", "c"]}}}
 ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.01}
@@ -311,7 +311,7 @@ def test_bn_scale_on_a_backbone_without_batchnorm_is_a_config_error():
 
 
 def test_rounding_keeps_the_nearest_multiple_so_small_layers_are_not_halved():
-    from headstart.pruning.engine import _round_kept_to_nearest
+    from headstart.prune.engine import _round_kept_to_nearest
 
     assert _round_kept_to_nearest(None, 1, 16, 8) == 0  # keep 15 of 16 -> keep 16, not 8
     assert _round_kept_to_nearest(None, 5, 16, 8) == 8  # keep 11 -> keep 8
@@ -360,7 +360,7 @@ def test_feature_distillation_adds_the_feature_error_and_is_never_saved():
 def test_batchnorm_statistics_stay_put_when_frozen_during_fine_tuning(freeze):
     import lightning as L
 
-    from headstart.callbacks import FreezeBatchNormStats
+    from headstart.train.callbacks import FreezeBatchNormStats
 
     model = tiny_model()
     model.backbone.freeze(len(model.backbone.stages))

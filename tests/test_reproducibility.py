@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import compose_train
 
-from headstart.training import train
+from headstart.train.recipe import train
 
 
 @pytest.mark.slow

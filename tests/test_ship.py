@@ -16,15 +16,15 @@ from hydra import compose, initialize_config_dir
 from onnx import numpy_helper
 from PIL import Image
 
-import headstart.shipping
+import headstart.ship.shipping
 from headstart import Predictor
+from headstart.core.model import HeadstartModel
+from headstart.core.transforms import eval_transform
 from headstart.errors import ConfigError, DataError, ExportError
-from headstart.evaluation import evaluate
-from headstart.export import check_parity, export_onnx, read_metadata
-from headstart.model import HeadstartModel
-from headstart.predictor import decode
-from headstart.training import train
-from headstart.transforms import eval_transform
+from headstart.evaluate.evaluation import evaluate
+from headstart.serve.predictor import decode
+from headstart.ship.export import check_parity, export_onnx, read_metadata
+from headstart.train.recipe import train
 
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True}
 
@@ -118,14 +118,14 @@ def test_parity_check_catches_a_broken_export(run, tmp_path):
 
 @pytest.mark.slow
 def test_a_broken_export_fails_the_training_run_loudly(tmp_path, monkeypatch):
-    real = headstart.shipping.export_onnx
+    real = headstart.ship.shipping.export_onnx
 
     def broken_export(model, path, metadata=None):
         real(model, path, metadata=metadata)
         _corrupt_last_gemm(path, path)
         return path
 
-    monkeypatch.setattr(headstart.shipping, "export_onnx", broken_export)
+    monkeypatch.setattr(headstart.ship.shipping, "export_onnx", broken_export)
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
         train(compose_train(["trainer.max_epochs=1", "+trainer.limit_train_batches=4"], tmp_path))
     assert not (tmp_path / "run" / "model.onnx").exists()  # the broken file was not kept
@@ -312,7 +312,7 @@ def test_predict_py_on_a_folder_with_one_corrupt_image(run, tmp_path):
 
 
 def test_predict_without_images_says_what_it_looked_for(tmp_path):
-    from headstart.prediction import find_images
+    from headstart.evaluate.prediction import find_images
 
     (tmp_path / "notes.txt").write_text("x")
     make_tree(tmp_path / "imgs", {"": {"a": 2}}, ext=".jpg")
@@ -323,8 +323,8 @@ def test_predict_without_images_says_what_it_looked_for(tmp_path):
 
 
 def test_parity_allows_regression_values_within_tolerance_but_no_flipped_decision():
-    from headstart.export import compare_outputs
     from headstart.flow import TaskFlow
+    from headstart.ship.export import compare_outputs
 
     flow = TaskFlow.from_spec(
         {

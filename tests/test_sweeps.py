@@ -11,7 +11,7 @@ from conftest import ROOT, compose_train, fake_job, make_tree, run_script
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from headstart.sweeps import BEST_EXPERIMENT, best_experiment_text, summarize_sweep
+from headstart.train.sweeps import BEST_EXPERIMENT, best_experiment_text, summarize_sweep
 
 # Tiny folder data, one epoch of a few batches, nothing shipped: the machinery, not the model, is under test.
 FAST = [

@@ -14,6 +14,7 @@ import torch
 from conftest import make_image
 from PIL import Image
 
+from headstart.core.transforms import InputTransform
 from headstart.data.images import BadImageWarning
 from headstart.data.security import (
     LEAF_PATHS,
@@ -30,7 +31,6 @@ from headstart.data.table import (
     multitask_csv_table,
 )
 from headstart.errors import ConfigError, DataError
-from headstart.transforms import InputTransform
 
 T16 = InputTransform(resize=16, crop=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

@@ -13,13 +13,13 @@ from conftest import ROOT, compose_train, make_image, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from headstart import Predictor
+from headstart.core.model import HeadstartModel
 from headstart.errors import DivergedError
-from headstart.evaluation import run_split
+from headstart.evaluate.evaluation import run_split
+from headstart.evaluate.loading import load_model, model_datamodule
 from headstart.flow import decision_scores
-from headstart.loading import load_model, model_datamodule
-from headstart.model import HeadstartModel
-from headstart.thresholds import store_flow_in_checkpoint, tune_on_validation
-from headstart.training import train
+from headstart.train.recipe import train
+from headstart.train.thresholds import store_flow_in_checkpoint, tune_on_validation
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +232,7 @@ def test_evaluate_a_flow_model_writes_the_task_table_and_a_confusion_matrix_per_
 ):
     from hydra import compose, initialize_config_dir
 
-    from headstart.evaluation import evaluate
+    from headstart.evaluate.evaluation import evaluate
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose(

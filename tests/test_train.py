@@ -13,11 +13,11 @@ from conftest import ROOT, compose_train, make_image, make_tree, run_script, sha
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from headstart.config import validate_train_config
+from headstart.core.model import HeadstartModel
 from headstart.data import BadImageWarning
 from headstart.errors import ConfigError
-from headstart.model import HeadstartModel
-from headstart.training import train
+from headstart.train.config import validate_train_config
+from headstart.train.recipe import train
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 

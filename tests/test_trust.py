@@ -20,23 +20,22 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from headstart.bundle import describe_image_model, write_bundle
-from headstart.callbacks import DivergenceGuard
-from headstart.config import plain, recorded_config
+from headstart.core.model import HeadstartModel
 from headstart.data import folder_table, make_security
 from headstart.dof import open_dof
 from headstart.entry import run_guarded
 from headstart.errors import ConfigError, DataError, DivergedError
-from headstart.evaluation import evaluate
-from headstart.export import export_onnx
-from headstart.extraction import extract, frozen_backbone
-from headstart.model import HeadstartModel
-from headstart.pruning.recipe import prune
-from headstart.reattach import attach_backbone, check_reattached, save_model
-from headstart.runs import FAILED, UniqueRunDir, claim_run_dir
-from headstart.sweeps import BEST_EXPERIMENT, summarize_sweep
-from headstart.training import build_callbacks, check_finite_checkpoint, train
-from headstart.zoo import main as zoo_main
+from headstart.evaluate.evaluation import evaluate
+from headstart.prune.recipe import prune
+from headstart.runs import FAILED, UniqueRunDir, claim_run_dir, plain, recorded_config
+from headstart.serve.bundle import describe_image_model, write_bundle
+from headstart.ship.export import export_onnx
+from headstart.tools.zoo import main as zoo_main
+from headstart.train.callbacks import DivergenceGuard
+from headstart.train.extraction import extract, frozen_backbone
+from headstart.train.reattach import attach_backbone, check_reattached, save_model
+from headstart.train.recipe import build_callbacks, check_finite_checkpoint, train
+from headstart.train.sweeps import BEST_EXPERIMENT, summarize_sweep
 
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True}
 FLOW = {"tasks": {"label": {"kind": "multiclass", "classes": ["a", "b"]}}}
@@ -425,12 +424,12 @@ def test_ctrl_c_during_extraction_says_how_to_resume(tmp_path):
 
 
 def test_a_failed_export_leaves_no_result_but_the_checkpoints_to_continue_from(tmp_path, monkeypatch):
-    import headstart.shipping
+    import headstart.ship.shipping
 
     def failing_export(model, path, metadata=None):
         raise headstart.errors.ExportError("the export failed (for this test)")
 
-    monkeypatch.setattr(headstart.shipping, "export_onnx", failing_export)
+    monkeypatch.setattr(headstart.ship.shipping, "export_onnx", failing_export)
     make_tree(tmp_path / "imgs", {"train": {"a": 6, "b": 6}})
     cfg = compose_train(["data=folder", f"data.root={tmp_path / 'imgs'}", "trainer.max_epochs=1"], tmp_path)
     with pytest.raises(SystemExit) as ended:
@@ -443,7 +442,7 @@ def test_a_failed_export_leaves_no_result_but_the_checkpoints_to_continue_from(t
 
 
 def test_a_wrong_type_names_the_expected_type(tmp_path):
-    from headstart.config import validate_train_config
+    from headstart.train.config import validate_train_config
 
     with pytest.raises(ConfigError, match=r"'trainer.max_epochs' must be an integer or null, got 'abc'"):
         validate_train_config(compose_train(["trainer.max_epochs=abc"], tmp_path))

@@ -12,11 +12,11 @@ import torch
 from conftest import compose_train, make_tree
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from headstart.config import validate_train_config
+from headstart.core.model import HeadstartModel
 from headstart.errors import ConfigError
-from headstart.model import HeadstartModel
-from headstart.training import train
-from headstart.tuning import steepest_descent_lr
+from headstart.train.config import validate_train_config
+from headstart.train.lr_finder import steepest_descent_lr
+from headstart.train.recipe import train
 
 # digits on the small CNN, four batches of 16 an epoch, not augmented; no test split, nothing exported.
 DIGITS = [
@@ -87,7 +87,7 @@ def test_report_only_keeps_the_configured_lr_and_trains_as_without_the_finder(tm
 
 @pytest.mark.slow
 def test_too_few_steps_give_no_suggestion_and_keep_the_lr(tmp_path, digits_root, caplog):
-    with caplog.at_level(logging.WARNING, logger="headstart.tuning"):
+    with caplog.at_level(logging.WARNING, logger="headstart.train.lr_finder"):
         metrics, ckpt, run = _run(["tune.num_training=8", "optimizer.lr=0.003"], tmp_path, digits_root)
     assert "tune/lr_suggested" not in metrics and metrics["tune/lr"] == 0.003
     assert ckpt["hyper_parameters"]["optimizer"]["lr"] == 0.003

@@ -16,8 +16,8 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from headstart.remeasure import moved_metrics
-from headstart.zoo import main
+from headstart.tools.remeasure import moved_metrics
+from headstart.tools.zoo import main
 
 TINY = """# @package _global_
 defaults:

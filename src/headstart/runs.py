@@ -1,4 +1,5 @@
-"""Run directories: where a run writes, how to find the one to resume, and its metrics.json."""
+"""Run directories and run records: where a run writes, how to find the one to resume, its metrics.json, and the
+config a model records about its run (plain data, paths made absolute)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,52 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
 
 from headstart.errors import ConfigError
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+
+def plain(node: Any) -> Any:
+    """A resolved config node as plain Python containers (what checkpoints and manifests may hold)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
+
+
+# Keys naming files and folders a run reads or writes. A model records them as absolute paths, so that its recorded
+# config names the same files wherever it is read later (another working directory, a notebook's kernel).
+PATH_KEYS = (
+    "paths.root_dir",
+    "paths.data_dir",
+    "paths.log_dir",
+    "paths.sweep_dir",
+    "paths.output_dir",
+    "data.root",
+    "data.csv",
+    "extract.dir",
+    "extract.path",
+    "ckpt_path",
+    "backbone.weights",
+)
+
+
+def recorded_config(cfg: DictConfig) -> dict:
+    """What a model records about its run (checkpoints, bundles, manifests): the resolved config as plain data,
+    without Hydra's own section, with the paths in PATH_KEYS made absolute (backbone.weights only when it names a
+    file)."""
+    record = {k: v for k, v in plain(cfg).items() if k != "hydra"}
+    for key in PATH_KEYS:
+        section, _, leaf = key.rpartition(".")
+        node = record.get(section) if section else record
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value:
+            continue
+        if key == "backbone.weights" and not os.path.exists(os.path.expanduser(value)):
+            continue  # "pretrained", "none", a download name
+        node[leaf] = str(
+            Path(value).expanduser().absolute()
+        )  # not normalized: data tables keep the same paths
+    return record
 
 
 def resolve_resume(

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from headstart.runtime import default_threads
+from headstart.serve.runtime import default_threads
 
 
 def time_calls(

@@ -24,10 +24,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torch.utils.data._utils.collate import default_collate
 
+from headstart.core.transforms import InputTransform, eval_transform, train_transform
 from headstart.data.kfold import check_kfold, kfold_splits
 from headstart.data.samples import SPLITS, SampleTable, csv_table, folder_table
 from headstart.errors import ConfigError, DataError
-from headstart.transforms import InputTransform, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from headstart.core.transforms import eval_transform, train_transform
 from headstart.data.images import ImageDataModule, ImageDataset
 from headstart.data.samples import SampleTable, _check_fractions, _split_pool, parse_splits
 from headstart.errors import ConfigError, DataError
-from headstart.transforms import eval_transform, train_transform
 
 KINDS: tuple[str, ...] = ("binary", "multiclass", "multilabel", "bounded_regression", "regression")
 _TRUE = frozenset({"1", "true", "yes", "y", "t"})

@@ -1,0 +1,1 @@
+"""Shipping a trained model: ONNX export checked against PyTorch, bundles and head updates written for a run."""
