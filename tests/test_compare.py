@@ -10,7 +10,7 @@ from conftest import ROOT, run_script
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from headstart.tools.compare import compare_runs, find_runs, read_curves, run_labels
+from headstart.tools.compare import compare_runs, find_curve_runs, read_curves, run_labels
 
 
 def _fake_run(run: Path, overrides: list[str], losses: list[float], steps_per_epoch: int = 10) -> Path:
@@ -53,7 +53,7 @@ def test_labels_name_the_overrides_that_differ(two_runs: list[Path]) -> None:
 
 
 def test_compare_writes_png_and_csv_with_every_point(two_runs: list[Path], tmp_path: Path) -> None:
-    runs = find_runs([two_runs[0].parent])  # the sweep folder: its runs are found
+    runs = find_curve_runs([two_runs[0].parent])  # the sweep folder: its runs are found
     assert runs == two_runs
     out = tmp_path / "report" / "compare"
     compare_runs(runs, ["val/*"], out)

@@ -17,7 +17,7 @@ from torchmetrics import Metric
 
 from headstart.data.features import RowBatchSampler
 from headstart.flow import FlowMetrics, TaskFlow
-from headstart.train.recipe import _EachOnce, train
+from headstart.train.recipe import EachOnce, train
 
 DDP = ["trainer=ddp", "trainer.devices=2", "data.num_workers=0"]
 
@@ -115,13 +115,13 @@ def test_ddp_in_a_multirun_stops_with_a_clear_error(tmp_path):
 
 
 def test_evaluation_sampler_gives_every_sample_to_exactly_one_rank():
-    items = [list(_EachOnce(SequentialSampler(range(7)), 2, r)) for r in (0, 1)]
+    items = [list(EachOnce(SequentialSampler(range(7)), 2, r)) for r in (0, 1)]
     assert items == [[0, 2, 4, 6], [1, 3, 5]]
     # A sampler of whole batches (DoF features): shared row by row, re-batched at its batch size.
     batches = RowBatchSampler(np.arange(7), batch_size=4, shuffle=False)
-    shares = [[b.tolist() for b in _EachOnce(batches, 2, r)] for r in (0, 1)]
+    shares = [[b.tolist() for b in EachOnce(batches, 2, r)] for r in (0, 1)]
     assert shares == [[[0, 2, 4, 6]], [[1, 3, 5]]]
-    assert [len(_EachOnce(batches, 3, r)) for r in (0, 1, 2)] == [1, 1, 1]
+    assert [len(EachOnce(batches, 3, r)) for r in (0, 1, 2)] == [1, 1, 1]
 
 
 def test_top_k_accuracy_stays_its_own_after_a_first_batch_of_one_class():

@@ -20,7 +20,7 @@ from headstart.train.config import validate_train_config
 from headstart.train.crossval import fold_summary
 from headstart.train.extraction import find_or_extract
 from headstart.train.recipe import build_datamodule
-from headstart.train.sweeps import _best_fold_setting_job
+from headstart.train.sweeps import best_fold_setting_job
 
 T16 = InputTransform(resize=16, crop=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 # train+val pool: a 9, b 7, c 5 (21 samples); test: 2 of each
@@ -252,4 +252,4 @@ def test_fold_summary_groups_by_the_other_overrides() -> None:
     assert summary["val/loss mean"].tolist() == pytest.approx([0.7, 2.0])
     assert summary["val/loss std"].tolist() == pytest.approx([0.2, 1.0])
     assert fold_summary(table.drop(columns="data.fold")) is None  # not a k-fold sweep
-    assert _best_fold_setting_job(table, summary) == "3"  # the best setting's first finished job
+    assert best_fold_setting_job(table, summary) == "3"  # the best setting's first finished job

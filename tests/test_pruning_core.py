@@ -311,12 +311,12 @@ def test_bn_scale_on_a_backbone_without_batchnorm_is_a_config_error():
 
 
 def test_rounding_keeps_the_nearest_multiple_so_small_layers_are_not_halved():
-    from headstart.prune.engine import _round_kept_to_nearest
+    from headstart.prune.engine import round_kept_to_nearest
 
-    assert _round_kept_to_nearest(None, 1, 16, 8) == 0  # keep 15 of 16 -> keep 16, not 8
-    assert _round_kept_to_nearest(None, 5, 16, 8) == 8  # keep 11 -> keep 8
-    assert _round_kept_to_nearest(None, 6, 96, 8) == 8  # keep 90 -> keep 88
-    assert _round_kept_to_nearest(None, 15, 16, 8) == 8  # never below one multiple
+    assert round_kept_to_nearest(None, 1, 16, 8) == 0  # keep 15 of 16 -> keep 16, not 8
+    assert round_kept_to_nearest(None, 5, 16, 8) == 8  # keep 11 -> keep 8
+    assert round_kept_to_nearest(None, 6, 96, 8) == 8  # keep 90 -> keep 88
+    assert round_kept_to_nearest(None, 15, 16, 8) == 8  # never below one multiple
 
 
 @pytest.mark.parametrize("residual_streams", [False, True])

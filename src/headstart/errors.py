@@ -27,3 +27,7 @@ class BundleError(HeadstartError):
 
 class DivergedError(HeadstartError):
     """Training produced a non-finite loss, weight or metric (NaN or inf): nothing of it is kept as a result."""
+
+
+class PruningError(HeadstartError):
+    """torch-pruning cannot prune this backbone (tracing, a pruning step, or the pruned model's forward fails)."""

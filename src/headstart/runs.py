@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,15 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 
 def plain(node: Any) -> Any:
-    """A resolved config node as plain Python containers (what checkpoints and manifests may hold)."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
+    """A config node, mapping or sequence as plain dicts and lists (a deep copy, interpolations resolved): what
+    checkpoints, manifests and hyperparameters may hold."""
+    if isinstance(node, DictConfig | ListConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, Mapping):
+        return {str(k): plain(v) for k, v in node.items()}
+    if isinstance(node, Sequence) and not isinstance(node, str | bytes):
+        return [plain(v) for v in node]
+    return node
 
 
 # Keys naming files and folders a run reads or writes. A model records them as absolute paths, so that its recorded

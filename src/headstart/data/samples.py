@@ -80,7 +80,7 @@ def layout_help(val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
     )
 
 
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
     if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
         raise ConfigError(
             f"val_fraction={val_fraction} and test_fraction={test_fraction} must each be in [0, 1) and sum "
@@ -97,7 +97,7 @@ def stratified_split(
     group of unlabelled samples, NaN) gives round(n * fraction) samples to val and to test, but always keeps at
     least one for train.
     """
-    _check_fractions(val_fraction, test_fraction)
+    check_fractions(val_fraction, test_fraction)
     labels = np.asarray(labels, dtype=np.float64)
     out = np.full(len(labels), "train", dtype=object)
     rng = np.random.default_rng(seed)
@@ -162,7 +162,7 @@ def folder_table(
     Classes are the sorted union of class folder names over all splits. `hint` is appended to the error raised
     when the root is missing (e.g. how to build the data set).
     """
-    _check_fractions(val_fraction, test_fraction)
+    check_fractions(val_fraction, test_fraction)
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
         raise _missing_root_error(root, val_fraction, test_fraction, hint)
@@ -192,7 +192,7 @@ def folder_table(
         raise DataError(msg)
 
     frame = pd.DataFrame({"path": paths, "split": splits, "label": np.asarray(labels, dtype=np.float64)})
-    frame = _split_pool(frame, set(groups), val_fraction, test_fraction, seed)
+    frame = split_pool(frame, set(groups), val_fraction, test_fraction, seed)
     return SampleTable(frame, classes)
 
 
@@ -221,7 +221,7 @@ def _check_classes(root: Path, groups: dict[str, dict[str, list[Path]]], split_f
     return classes
 
 
-def _split_pool(
+def split_pool(
     frame: pd.DataFrame, present: set[str], val_fraction: float, test_fraction: float, seed: int
 ) -> pd.DataFrame:
     """Split val/test off the train rows for each split that is not already present."""
@@ -269,7 +269,7 @@ def csv_table(
     is missing (NaN). Classes are `classes` if given (a label outside it is an error), else the sorted unique
     labels. Without a split column, val/test are split off as in `folder_table`.
     """
-    _check_fractions(val_fraction, test_fraction)
+    check_fractions(val_fraction, test_fraction)
     csv_path = Path(csv_path).expanduser().absolute()
     if not csv_path.is_file():
         msg = (
@@ -331,5 +331,5 @@ def csv_table(
         frame = pd.DataFrame({"path": paths, "split": splits, "label": labels})
     else:
         frame = pd.DataFrame({"path": paths, "split": ["train"] * len(paths), "label": labels})
-        frame = _split_pool(frame, {"train"}, val_fraction, test_fraction, seed)
+        frame = split_pool(frame, {"train"}, val_fraction, test_fraction, seed)
     return SampleTable(frame, list(classes))

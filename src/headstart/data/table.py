@@ -31,8 +31,9 @@ import torch
 
 from headstart.core.transforms import eval_transform, train_transform
 from headstart.data.images import ImageDataModule, ImageDataset
-from headstart.data.samples import SampleTable, _check_fractions, _split_pool, parse_splits
+from headstart.data.samples import SampleTable, check_fractions, parse_splits, split_pool
 from headstart.errors import ConfigError, DataError
+from headstart.runs import plain
 
 KINDS: tuple[str, ...] = ("binary", "multiclass", "multilabel", "bounded_regression", "regression")
 _TRUE = frozenset({"1", "true", "yes", "y", "t"})
@@ -55,15 +56,6 @@ class LeafSpec:
     def width(self) -> int:
         """Columns of this task's target: C for multilabel, else 1 (a scalar per sample)."""
         return len(self.classes) if self.kind == "multilabel" else 1
-
-
-def plain(value: Any) -> Any:
-    """A deep copy of a (possibly OmegaConf) mapping/sequence as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
-        return [plain(v) for v in value]
-    return value
 
 
 def _leaf(path: str, spec: Mapping) -> LeafSpec:
@@ -265,7 +257,7 @@ def multitask_csv_table(
     by a seeded permutation (of the paths sorted, so the split does not depend on row order). Every bad cell, missing
     column or missing file is a DataError naming row, column and value.
     """
-    _check_fractions(val_fraction, test_fraction)
+    check_fractions(val_fraction, test_fraction)
     leaves = leaf_specs(flow)
     csv_path = Path(csv_path).expanduser().absolute()
     if not csv_path.is_file():
@@ -349,7 +341,7 @@ def multitask_csv_table(
         frame = pd.DataFrame(
             {"path": paths, "split": ["train"] * len(paths), "label": np.full(len(paths), np.nan)}
         )
-        frame = _split_pool(
+        frame = split_pool(
             frame, {"train"}, val_fraction, test_fraction, seed
         )  # constant label: a permutation
         frame["label"] = label

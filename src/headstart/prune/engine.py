@@ -30,8 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from headstart.core.model import HeadstartModel
-from headstart.errors import ConfigError
-from headstart.prune import PruningError
+from headstart.errors import ConfigError, PruningError
 from headstart.prune.importance import make_importance, needs_gradients
 
 log = logging.getLogger(__name__)
@@ -299,7 +298,7 @@ def make_pruner(
         if not residual_streams:
             pruner.ignored_layers.extend(_shared_stream_producers(pruner.DG, model))
         if round_to:
-            pruner._round_to = types.MethodType(_round_kept_to_nearest, pruner)
+            pruner._round_to = types.MethodType(round_kept_to_nearest, pruner)
         return pruner, producers
 
     pruner, producers = _build(model, build)
@@ -314,7 +313,7 @@ def make_pruner(
     return pruner
 
 
-def _round_kept_to_nearest(pruner: Any, n_pruned: int, current_channels: int, round_to: int) -> int:
+def round_kept_to_nearest(pruner: Any, n_pruned: int, current_channels: int, round_to: int) -> int:
     """Channels to prune so that the kept count is the multiple of `round_to` NEAREST to what the schedule asks
     (at least `round_to`). torch-pruning rounds the kept count down, which in early steps halves small layers (16
     channels asked to keep 15 keep 8) and wrecked a pretrained EfficientNet-Lite0 in one step (val acc 0.99 -> 0.49)."""

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["find_runs", "main", "plot_curves", "read_curves", "run_labels"]
+__all__ = ["find_curve_runs", "main", "plot_curves", "read_curves", "run_labels"]
 
 _TB_DIR = "tensorboard"
 _COLUMNS = ["run", "label", "metric", "epoch", "step", "value"]
@@ -30,7 +30,7 @@ def _has_events(folder: Path) -> bool:
     return any(folder.glob("events.out.tfevents.*"))
 
 
-def find_runs(paths: list[Path]) -> list[Path]:
+def find_curve_runs(paths: list[Path]) -> list[Path]:
     """Run directories at or below `paths`, in the order given (each folder's runs sorted)."""
     runs: list[Path] = []
     for path in paths:
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # it reports every event file it moves to
     try:
-        runs = find_runs(args.runs)
+        runs = find_curve_runs(args.runs)
     except FileNotFoundError as e:
         parser.error(str(e))
     if not runs:

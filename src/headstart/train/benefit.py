@@ -43,7 +43,7 @@ def dof_benefit(
     }
 
 
-def describe(b: dict[str, float]) -> str:
+def describe_benefit(b: dict[str, float]) -> str:
     """The formulas with the measured numbers, for people."""
     e, k = int(b["dof/epochs"]), int(b["dof/views"])
     h, o, t = b["dof/hnct_s"], b["dof/holt_s"], b["dof/tnct_s"]

@@ -26,7 +26,7 @@ from headstart.errors import ConfigError, DataError, DivergedError
 from headstart.flow import TaskFlow
 from headstart.runs import plain, recorded_config, resolve_resume, write_json
 from headstart.ship.shipping import ship_run
-from headstart.train.benefit import describe, dof_benefit
+from headstart.train.benefit import describe_benefit, dof_benefit
 from headstart.train.callbacks import EpochCostTimer
 from headstart.train.config import validate_train_config
 from headstart.train.cost import CostReport
@@ -232,7 +232,7 @@ class EvaluatedOnce:
         if not isinstance(original, DataLoader) or isinstance(original.sampler, DistributedSampler):
             return original
         kwargs = trainer.distributed_sampler_kwargs or {}
-        sampler = _EachOnce(original.sampler, kwargs.get("num_replicas", 1), kwargs.get("rank", 0))
+        sampler = EachOnce(original.sampler, kwargs.get("num_replicas", 1), kwargs.get("rank", 0))
         return DataLoader(
             original.dataset,
             batch_size=original.batch_size,
@@ -249,7 +249,7 @@ class EvaluatedOnce:
         )
 
 
-class _EachOnce(DistributedSampler):
+class EachOnce(DistributedSampler):
     """Rank r of n takes items r, r + n, r + 2n, ... of an evaluation sampler: every sample once, none repeated.
 
     A sampler that yields whole batches (arrays of rows, as on DoF features) is shared row by row and re-batched
@@ -380,7 +380,7 @@ def _dof_benefit(
         manifest_bytes=(datamodule.path / "manifest.json").stat().st_size,
         views=int(stats.get("views", 1)),
     )
-    text = describe(values)
+    text = describe_benefit(values)
     log.info("%s", text)
     for logger in loggers:
         logger.log_metrics(values, step=0)

@@ -66,7 +66,7 @@ def summarize_sweep(sweep_dir: Path) -> pd.DataFrame | None:
         if best is not None:
             write_best_experiment(sweep_dir / best, sweep_dir / BEST_EXPERIMENT)
     else:
-        best = _best_fold_setting_job(table, folds)
+        best = best_fold_setting_job(table, folds)
         if best is not None:
             path = sweep_dir / BEST_EXPERIMENT
             path.write_text(best_experiment_text(sweep_dir / best, leave_out=FOLD_KEYS))
@@ -81,7 +81,7 @@ def _best_job(table: pd.DataFrame, monitor: str | None) -> str | None:
     return None if done.empty else str(done.iloc[0]["job"])
 
 
-def _best_fold_setting_job(table: pd.DataFrame, folds: pd.DataFrame) -> str | None:
+def best_fold_setting_job(table: pd.DataFrame, folds: pd.DataFrame) -> str | None:
     """A finished job of the setting with the best mean over the folds (the fold summary's first row)."""
     keys = [c for c in folds.columns if c not in ("n", "folds") and not str(c).endswith((" mean", " std"))]
     for _, setting in folds.iterrows():
