@@ -8,12 +8,17 @@ FLOW = {"tasks": {"label": {"kind": "multiclass", "classes": ["a", "b", "c"]}}}
 ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.01}
 
 
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=0.01)
+
+
 def test_frozen_backbone_stays_in_eval_mode_and_only_the_head_trains():
     model = HeadstartModel(flow=FLOW, optimizer=ADAMW, backbone={"name": "small_cnn", "freeze": True})
     model.train()
     assert model.head.training and not model.backbone.body.training
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"head"}
+    model.use_optimizer(_adamw)
     optimizer = model.configure_optimizers()
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
         p.numel() for p in model.head.parameters()
@@ -23,6 +28,7 @@ def test_frozen_backbone_stays_in_eval_mode_and_only_the_head_trains():
 def test_model_without_backbone_trains_on_features():
     model = HeadstartModel(flow=FLOW, optimizer=ADAMW, feature_dim=8, head={"hidden": [16], "dropout": 0.0})
     batch = {"inputs": torch.randn(6, 8), "targets": {"label": torch.tensor([0.0, 1, 2, 0, 1, float("nan")])}}
+    model.use_optimizer(_adamw)
     optimizer = model.configure_optimizers()
     first = None
     for _ in range(30):

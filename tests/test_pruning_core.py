@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -363,6 +364,7 @@ def test_batchnorm_statistics_stay_put_when_frozen_during_fine_tuning(freeze):
     from headstart.train.callbacks import FreezeBatchNormStats
 
     model = tiny_model()
+    model.use_optimizer(functools.partial(torch.optim.AdamW, lr=0.01))
     model.backbone.freeze(len(model.backbone.stages))
     norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in norms]

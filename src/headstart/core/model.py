@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 from headstart.core.backbones import Backbone, build_backbone
@@ -30,8 +30,9 @@ class HeadstartModel(L.LightningModule):
         flow: the flow spec, `{"tasks": {...}}`.
         backbone: `{"name", "weights", "freeze", "trainable_stages"}`, or None to train on features.
         head: `{"hidden": [..], "dropout": float}`.
-        optimizer: a Hydra node with `_target_` and `_partial_: true`, called with the trainable parameters.
-        scheduler: the same for an LR scheduler (called with the optimizer), or None.
+        optimizer: the record of the optimizer (a config node, plain data). It is never built from here: the stage
+            that trains hands the model what builds it, `use_optimizer(...)`.
+        scheduler: the record of the LR scheduler, or None.
         feature_dim: input size of the head when there is no backbone.
         transform: the input transform (dict) when there is no backbone to take it from.
         class_weights: `{task: [w per class]}` for imbalanced data.
@@ -45,7 +46,7 @@ class HeadstartModel(L.LightningModule):
     def __init__(
         self,
         flow: dict,
-        optimizer: dict,
+        optimizer: dict | None = None,
         backbone: dict | None = None,
         head: dict | None = None,
         scheduler: dict | None = None,
@@ -96,8 +97,9 @@ class HeadstartModel(L.LightningModule):
         self.epoch_results: dict[str, dict[str, Any]] = {}
         # The run's resolved config (plain data), saved into checkpoints: evaluate.py defaults to its data.
         self.run_config: dict | None = None
-        # True for a model read from a file: its recorded optimizer is data, not something to build.
-        self.optimizer_from_file = False
+        # What builds the optimizer and scheduler: given by whoever trains (use_optimizer), never read from a file.
+        self.make_optimizer: Callable[..., torch.optim.Optimizer] | None = None
+        self.make_scheduler: Callable[..., Any] | None = None
         # (epoch, global step, loss) of each training batch whose loss was NaN or inf (and so not stepped on).
         self.nonfinite_steps: list[tuple[int, int, float]] = []
 
@@ -111,14 +113,18 @@ class HeadstartModel(L.LightningModule):
         model = cls(**hparams)
         model.load_state_dict(ckpt["state_dict"])
         model.run_config = ckpt.get(CONFIG_KEY)
-        model.optimizer_from_file = True  # recorded, so never built: see configure_optimizers
         return model
 
-    def use_optimizer(self, optimizer: dict, scheduler: dict | None = None) -> None:
-        """Train with these (plain `_target_` nodes of the user's own config) instead of the recorded ones."""
-        self.hparams.optimizer = optimizer
-        self.hparams.scheduler = scheduler
-        self.optimizer_from_file = False
+    def use_optimizer(
+        self,
+        make_optimizer: Callable[..., torch.optim.Optimizer],
+        make_scheduler: Callable[..., Any] | None = None,
+    ) -> None:
+        """Train with `make_optimizer(params=...)` and, when given, `make_scheduler(optimizer=...)` (stepped each
+        epoch): e.g. `functools.partial(torch.optim.AdamW, lr=1e-3)`, or what `hydra.utils.instantiate` builds from a
+        `_partial_: true` node of the user's own config. A model never builds the optimizer its file records."""
+        self.make_optimizer = make_optimizer
+        self.make_scheduler = make_scheduler
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
@@ -247,16 +253,17 @@ class HeadstartModel(L.LightningModule):
         self._epoch_end("test")
 
     def configure_optimizers(self) -> Any:
-        if self.optimizer_from_file:
+        if self.make_optimizer is None:
             raise ConfigError(
-                "this model was read from a checkpoint, whose recorded optimizer is never built (a file may name "
-                "any code there); give it the optimizer of your own config first: model.use_optimizer(...)"
+                "no optimizer to train with: a model never builds the optimizer recorded in its hyperparameters (a "
+                "checkpoint may name any code there); give it one first: model.use_optimizer(functools.partial("
+                "torch.optim.AdamW, lr=1e-3))"
             )
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("nothing to train: the backbone is frozen and the head has no parameters")
-        optimizer = instantiate(self.hparams.optimizer)(params=params)
-        if not self.hparams.scheduler:
+        optimizer = self.make_optimizer(params=params)
+        if self.make_scheduler is None:
             return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        scheduler = self.make_scheduler(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -96,7 +96,10 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     metric = cfg.pruning.metric
     L.seed_everything(cfg.seed, workers=True)
 
-    model.use_optimizer(plain(cfg.optimizer), plain(cfg.get("scheduler")))
+    model.hparams.optimizer, model.hparams.scheduler = plain(cfg.optimizer), plain(cfg.get("scheduler"))
+    model.use_optimizer(
+        instantiate(cfg.optimizer), instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    )
     model.backbone.freeze(len(model.backbone.stages))  # fine-tuning a pruned backbone: every stage trains
     if float(cfg.pruning.distill) > 0:
         model.distill_features(copy.deepcopy(model.backbone), float(cfg.pruning.distill))

@@ -7,6 +7,7 @@ so a run that applies the suggestion trains exactly as a run started with `optim
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import sys
@@ -165,9 +166,11 @@ def steepest_descent_lr(lrs: list[float], losses: list[float]) -> float | None:
 
 
 def _apply(cfg: DictConfig, model: HeadstartModel, lr: float) -> None:
-    """Train with `lr`: the model builds its optimizer from its hyperparameters, which checkpoints record; the
+    """Train with `lr`: the model's optimizer is rebuilt with it and its hyperparameters (which checkpoints record) say so; the
     run's config (checkpoints, bundle, TensorBoard's HPARAMS) says the same."""
     model.hparams.optimizer = {**model.hparams.optimizer, "lr": lr}
+    if model.make_optimizer is not None:
+        model.use_optimizer(functools.partial(model.make_optimizer, lr=lr), model.make_scheduler)
     if model.run_config is not None and isinstance(model.run_config.get("optimizer"), dict):
         model.run_config["optimizer"] = {**model.run_config["optimizer"], "lr": lr}
     OmegaConf.update(cfg, "optimizer.lr", lr, force_add=True)

@@ -73,7 +73,7 @@ def build_model(
     if cfg.data.get("balance", "none") == "weights":
         class_weights = {"label": datamodule.class_weights()}
     on_features = isinstance(datamodule, FeatureDataModule)
-    return HeadstartModel(
+    model = HeadstartModel(
         flow=flow,
         backbone=None if on_features else plain(cfg.backbone),
         feature_dim=datamodule.feature_dim if on_features else None,
@@ -86,6 +86,10 @@ def build_model(
         loss_weighting=cfg.model.loss_weighting,
         structure=structure,
     )
+    model.use_optimizer(
+        instantiate(cfg.optimizer), instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    )
+    return model
 
 
 # Callbacks that only write to a logger, and fail without one: they step aside when the run has no logger.
