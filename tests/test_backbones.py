@@ -516,3 +516,31 @@ def test_lite0_classifies_imagenet_samples():
     correct = int((pred == labels).sum())
     print(f"efficientnet_lite0: {correct}/{len(files)} imagenet_samples classified correctly")
     assert correct >= 16
+
+
+# ------------------------------------------------------------------------------------------------------ the registry
+
+
+def test_each_family_registers_itself_and_a_name_reaches_one_family():
+    from headstart.core.backbones.registry import families, resolve
+
+    kinds = {f.kind: f for f in families()}
+    assert set(kinds) == {"torchvision", "timm", "efficientnet_lite0", "small_cnn"}
+    assert resolve("resnet18")[0] is kinds["torchvision"]
+    assert resolve("timm:resnet10t") == (kinds["timm"], "resnet10t")
+    assert resolve("efficientnet_lite0")[0] is kinds["efficientnet_lite0"]
+    assert resolve("small_cnn")[0] is kinds["small_cnn"]
+
+
+def test_register_family_refuses_a_name_or_prefix_already_taken():
+    from dataclasses import replace
+
+    from headstart.core.backbones.registry import families, register_family
+
+    small = next(f for f in families() if f.kind == "small_cnn")
+    timm_family = next(f for f in families() if f.kind == "timm")
+    with pytest.raises(ValueError, match="already registered by 'small_cnn'"):
+        register_family(replace(small, kind="another", names=("small_cnn",)))
+    with pytest.raises(ValueError, match="overlaps"):
+        register_family(replace(timm_family, kind="another"))
+    assert "another" not in {f.kind for f in families()}
