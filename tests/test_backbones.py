@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from headstart.core import backbones
 from headstart.core.backbones import (
     Backbone,
     available_backbones,
     backbone_transform,
     build_backbone,
     efficientnet_lite0_imagenet,
+    lite0,
 )
 from headstart.core.transforms import InputTransform, eval_transform
 from headstart.errors import ConfigError, WeightsError
@@ -458,10 +458,10 @@ def test_none_means_random_init():
 def test_lite0_package_weights_translate_onto_timm():
     import timm
 
-    state = backbones._lite0_package_state()
+    state = lite0.package_state()
     assert len(state) == 296
     target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    translated = backbones._translate_lite0(state, target, (), "test")
+    translated = lite0.translate_package_state(state, target, (), "test")
     assert list(translated) == list(target)  # one-to-one and in order
     assert all(translated[k].shape == target[k].shape for k in target)
 
@@ -470,26 +470,26 @@ def test_lite0_translation_refuses_mismatches():
     import timm
 
     target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    state = dict(backbones._lite0_package_state())
+    state = dict(lite0.package_state())
     state["_blocks.3._depthwise_conv.weight"] = torch.zeros(144, 1, 3, 3)  # the real one is 5x5
     with pytest.raises(
         WeightsError, match=r"_blocks\.3\._depthwise_conv\.weight -> blocks\.2\.0\.conv_dw\.weight"
     ):
-        backbones._translate_lite0(state, target, (), "test")
-    state = dict(backbones._lite0_package_state())
+        lite0.translate_package_state(state, target, (), "test")
+    state = dict(lite0.package_state())
     state["_blocks.16._bn0.weight"] = torch.zeros(3)  # a block timm does not have
     with pytest.raises(WeightsError, match=r"_blocks\.16\._bn0\.weight"):
-        backbones._translate_lite0(state, target, (), "test")
+        lite0.translate_package_state(state, target, (), "test")
 
 
 def test_lite0_sha256_is_checked(monkeypatch):
-    backbones._lite0_package_file.cache_clear()
-    monkeypatch.setattr(backbones, "LITE0_SHA256", "0" * 64)
+    lite0.package_file.cache_clear()
+    monkeypatch.setattr(lite0, "LITE0_SHA256", "0" * 64)
     try:
         with pytest.raises(WeightsError, match="sha256"):
             build_backbone("efficientnet_lite0", weights="pretrained")
     finally:
-        backbones._lite0_package_file.cache_clear()
+        lite0.package_file.cache_clear()
 
 
 def test_lite0_pretrained_features_feed_the_imagenet_head():
@@ -516,3 +516,31 @@ def test_lite0_classifies_imagenet_samples():
     correct = int((pred == labels).sum())
     print(f"efficientnet_lite0: {correct}/{len(files)} imagenet_samples classified correctly")
     assert correct >= 16
+
+
+# ------------------------------------------------------------------------------------------------------ the registry
+
+
+def test_each_family_registers_itself_and_a_name_reaches_one_family():
+    from headstart.core.backbones.registry import families, resolve
+
+    kinds = {f.kind: f for f in families()}
+    assert set(kinds) == {"torchvision", "timm", "efficientnet_lite0", "small_cnn"}
+    assert resolve("resnet18")[0] is kinds["torchvision"]
+    assert resolve("timm:resnet10t") == (kinds["timm"], "resnet10t")
+    assert resolve("efficientnet_lite0")[0] is kinds["efficientnet_lite0"]
+    assert resolve("small_cnn")[0] is kinds["small_cnn"]
+
+
+def test_register_family_refuses_a_name_or_prefix_already_taken():
+    from dataclasses import replace
+
+    from headstart.core.backbones.registry import families, register_family
+
+    small = next(f for f in families() if f.kind == "small_cnn")
+    timm_family = next(f for f in families() if f.kind == "timm")
+    with pytest.raises(ValueError, match="already registered by 'small_cnn'"):
+        register_family(replace(small, kind="another", names=("small_cnn",)))
+    with pytest.raises(ValueError, match="overlaps"):
+        register_family(replace(timm_family, kind="another"))
+    assert "another" not in {f.kind for f in families()}

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, run_script
 
 from headstart.core.backbones import available_backbones, build_backbone
-from headstart.core.catalog import describe_backbone, pretrained_offline
+from headstart.core.backbones.catalog import describe_backbone, pretrained_offline
 
 
 def test_catalog_lists_every_backbone_with_sizes_and_offline_weights() -> None:

