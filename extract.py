@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from headstart.entry import run_guarded
-from headstart.train.extraction import INTERRUPTED, extract
+from headstart.train.extract import INTERRUPTED, extract
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="extract")

@@ -24,10 +24,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from headstart.data.extraction import dof_spec, extract_dof, manifest_meta
 from headstart.data.features import FeatureDataModule
 from headstart.dof import DofWriter
 from headstart.train.callbacks import EpochCostTimer
-from headstart.train.extraction import dof_spec, extract_dof, frozen_backbone, manifest_meta
+from headstart.train.extract import frozen_backbone
 from headstart.train.recipe import build_datamodule, build_model
 
 ROOT = Path(__file__).resolve().parents[1]

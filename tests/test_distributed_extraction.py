@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, compose_train, make_tree, run_script
 
-import headstart.train.extraction as extraction
+import headstart.data.extraction as engine
+import headstart.train.extract as extraction
 from headstart.dof import open_dof
 from headstart.errors import ConfigError, DataError
 
@@ -58,7 +59,7 @@ def _files(root: Path) -> dict[str, str]:
 def no_auto_merge(monkeypatch):
     """Ranks that do not merge (as when the last two ranks finish at once on a file system slow to show each other's
     files): the parts are merged explicitly. Calling the fixture's value lets ranks merge again."""
-    monkeypatch.setattr(extraction, "finished_parts", lambda root, world_size: {})
+    monkeypatch.setattr(engine, "finished_parts", lambda root, world_size: {})
     return lambda: monkeypatch.undo()
 
 

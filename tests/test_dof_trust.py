@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ROOT, compose_train, make_tree, run_script
 
-import headstart.train.extraction as extraction
+import headstart.train.extract as extraction
 from headstart.data.features import FeatureDataModule
 from headstart.dof import DofError, DofWriter, fingerprint, open_dof
 from headstart.dof.files import sha256_file
@@ -346,7 +346,7 @@ def _extract_concurrently(cfg, barrier, results) -> None:
     """One of two processes extracting the same set; shards are written slowly so that the two overlap."""
     torch.set_num_threads(1)
     messages = _Messages()
-    logger = logging.getLogger("headstart.train.extraction")
+    logger = logging.getLogger("headstart.data.extraction")
     logger.addHandler(messages)
     logger.setLevel(logging.INFO)
     write = DofWriter.write_shard

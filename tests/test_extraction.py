@@ -15,7 +15,7 @@ from headstart.core.model import HeadstartModel
 from headstart.data.features import FeatureDataModule, RowBatchSampler
 from headstart.dof import DofWriter, open_dof
 from headstart.errors import ConfigError, DataError
-from headstart.train.extraction import extract
+from headstart.train.extract import extract
 from headstart.train.reattach import check_reattached
 from headstart.train.recipe import train
 

@@ -13,12 +13,12 @@ from conftest import ROOT, compose_train, make_image, make_tree, run_script
 
 from headstart.core.transforms import InputTransform
 from headstart.data import CsvDataModule, FolderDataModule, TableDataModule
+from headstart.data.extraction import find_or_extract
 from headstart.data.features import FeatureDataModule
 from headstart.data.kfold import kfold_assign
 from headstart.errors import ConfigError
 from headstart.train.config import validate_train_config
 from headstart.train.crossval import fold_summary
-from headstart.train.extraction import find_or_extract
 from headstart.train.recipe import build_datamodule
 from headstart.train.sweeps import best_fold_setting_job
 

@@ -33,7 +33,7 @@ from headstart.serve.bundle import describe_image_model, write_bundle
 from headstart.ship.export import export_onnx
 from headstart.tools.zoo import main as zoo_main
 from headstart.train.callbacks import DivergenceGuard
-from headstart.train.extraction import extract, frozen_backbone
+from headstart.train.extract import extract, frozen_backbone
 from headstart.train.reattach import attach_backbone, check_reattached, save_model
 from headstart.train.recipe import build_callbacks, check_finite_checkpoint, train
 from headstart.train.sweeps import BEST_EXPERIMENT, summarize_sweep

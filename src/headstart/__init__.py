@@ -40,7 +40,7 @@ MOVED_MODULES = {
     "sweeps": "headstart.train.sweeps",
     "crossval": "headstart.train.crossval",
     "reproduce": "headstart.train.reproduce",
-    "extraction": "headstart.train.extraction",
+    "extraction": "headstart.train.extract",
     "reports": "headstart.train.reports",
     "evaluation": "headstart.evaluate.evaluation",
     "prediction": "headstart.evaluate.prediction",

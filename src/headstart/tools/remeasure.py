@@ -92,10 +92,10 @@ def recorded_datamodule(record: Mapping, model, source: str):
     """The DataModule a run trained on, from its recorded config: its images, or on DoF runs its feature set (found
     by fingerprint as training found it; never extracted here)."""
     from headstart.core.backbones import backbone_transform, build_backbone
+    from headstart.data.extraction import dof_spec
     from headstart.data.features import FeatureDataModule
     from headstart.data.recorded import datamodule_from_record
     from headstart.dof import fingerprint
-    from headstart.train.extraction import dof_spec
 
     data = record["data"]
     if not record.get("features"):

@@ -30,7 +30,7 @@ from headstart.train.benefit import describe_benefit, dof_benefit
 from headstart.train.callbacks import EpochCostTimer
 from headstart.train.config import validate_train_config
 from headstart.train.cost import CostReport
-from headstart.train.extraction import dof_for_config, frozen_backbone
+from headstart.train.extract import dof_for_config, frozen_backbone
 from headstart.train.finetune import build_schedule
 from headstart.train.lr_finder import find_lr
 from headstart.train.reattach import attach_backbone, check_reattached, save_model
