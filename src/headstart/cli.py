@@ -28,7 +28,7 @@ def conf_dir() -> Path:
             return candidate
     raise HeadstartError(
         f"headstart's configs are missing: neither {here / 'conf'} (an installed wheel) nor {here.parents[1] / 'conf'} "
-        '(a clone) holds train.yaml; reinstall headstart (pip install .) or restore conf/ in the clone'
+        "(a clone) holds train.yaml; reinstall headstart (pip install .) or restore conf/ in the clone"
     )
 
 
