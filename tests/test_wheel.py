@@ -137,7 +137,10 @@ def test_the_wheel_installs_commands_that_train_from_any_folder(tmp_path):
         )
     )
     assert (
-        "name: my_own" in job and "lr: 0.0123" in job and "_target_: headstart.data.DigitsDataModule" in job
+        "name: my_own" in job
+        and "lr: 0.0123" in job
+        and "max_epochs: 15" in job
+        and "_target_: headstart.data.DigitsDataModule" in job
     )
 
     result = _run(
