@@ -1,16 +1,8 @@
 """Evaluate a model: python evaluate.py model=RUN_DIR|CKPT|ONNX|BUNDLE [data=...] [split=test]"""
+# The same main as the installed command headstart-evaluate (headstart.cli.evaluate): configs from conf/, outputs under the
+# current folder.
 
-import hydra
-from omegaconf import DictConfig
-
-from headstart.entry import run_guarded
-from headstart.evaluate.evaluation import evaluate
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    run_guarded(evaluate, cfg)
-
+from headstart.cli import evaluate
 
 if __name__ == "__main__":
-    main()
+    evaluate()

@@ -1,16 +1,8 @@
 """Extract a DoF feature set: python extract.py [experiment=NAME] [extract.views=K] [verify=true]"""
+# The same main as the installed command headstart-extract (headstart.cli.extract): configs from conf/, outputs under the
+# current folder.
 
-import hydra
-from omegaconf import DictConfig
-
-from headstart.entry import run_guarded
-from headstart.train.extract import INTERRUPTED, extract
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="extract")
-def main(cfg: DictConfig) -> None:
-    run_guarded(extract, cfg, interrupted=INTERRUPTED)
-
+from headstart.cli import extract
 
 if __name__ == "__main__":
-    main()
+    extract()

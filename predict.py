@@ -1,16 +1,8 @@
 """Predict on images: python predict.py model=BUNDLE|RUN_DIR|CKPT|ONNX inputs=FOLDER_OR_GLOB"""
+# The same main as the installed command headstart-predict (headstart.cli.predict): configs from conf/, outputs under the
+# current folder.
 
-import hydra
-from omegaconf import DictConfig
-
-from headstart.entry import run_guarded
-from headstart.evaluate.prediction import predict
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
-    run_guarded(predict, cfg)
-
+from headstart.cli import predict
 
 if __name__ == "__main__":
-    main()
+    predict()

@@ -1,16 +1,8 @@
 """Prune a trained model: python prune.py model=RUN_DIR_OR_CKPT [pruning.ratio=0.5] [pruning.steps=8]"""
+# The same main as the installed command headstart-prune (headstart.cli.prune): configs from conf/, outputs under the
+# current folder.
 
-import hydra
-from omegaconf import DictConfig
-
-from headstart.entry import run_guarded
-from headstart.prune.recipe import prune
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="prune")
-def main(cfg: DictConfig) -> None:
-    run_guarded(prune, cfg)
-
+from headstart.cli import prune
 
 if __name__ == "__main__":
-    main()
+    prune()

@@ -1,16 +1,8 @@
 """Train a model: python train.py [experiment=NAME] [group=option ...] [key=value ...]"""
+# The same main as the installed command headstart-train (headstart.cli.train): configs from conf/, outputs under the
+# current folder.
 
-import hydra
-from omegaconf import DictConfig
-
-from headstart.entry import run_guarded
-from headstart.train.recipe import train
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return run_guarded(train, cfg)
-
+from headstart.cli import train
 
 if __name__ == "__main__":
-    main()
+    train()

@@ -1,0 +1,81 @@
+"""The commands: `headstart-train`, `headstart-extract`, `headstart-evaluate`, `headstart-predict`,
+`headstart-prune` (installed by the wheel) and the root scripts `python train.py`, ... (shims over the same mains).
+
+Every command is a Hydra app over the configs in `conf/`: packaged into the wheel as `headstart/conf/`, read from the
+repository root in a clone. `data/`, `dof/`, `outputs/` and `multirun/` go under the current folder (or
+`HEADSTART_ROOT`, `paths.root_dir`); `--config-dir DIR` adds a folder of your own configs
+(`DIR/experiment/NAME.yaml` for `experiment=NAME`).
+
+The stages are imported when a command runs, so `--help` and `--cfg job` answer without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from headstart.errors import HeadstartError
+
+
+def conf_dir() -> Path:
+    """The Hydra configs: `headstart/conf/` in an installed wheel, `conf/` at the repository root in a clone
+    (`pip install -e .` or `PYTHONPATH=src`)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise HeadstartError(
+        f"headstart's configs are missing: neither {here / 'conf'} (an installed wheel) nor {here.parents[1] / 'conf'} "
+        "(a clone) holds train.yaml; reinstall headstart (pip install .) or restore conf/ in the clone"
+    )
+
+
+CONF = str(conf_dir())
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
+def train(cfg: DictConfig) -> float | None:
+    """Train, test and export one model: headstart-train [experiment=NAME] [group=option ...] [key=value ...]"""
+    from headstart.entry import run_guarded
+    from headstart.train.recipe import train as train_stage
+
+    return run_guarded(train_stage, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="extract")
+def extract(cfg: DictConfig) -> None:
+    """Extract a DoF feature set: headstart-extract [experiment=NAME] [extract.views=K] [verify=true]"""
+    from headstart.entry import run_guarded
+    from headstart.train.extract import INTERRUPTED
+    from headstart.train.extract import extract as extract_stage
+
+    run_guarded(extract_stage, cfg, interrupted=INTERRUPTED)
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="evaluate")
+def evaluate(cfg: DictConfig) -> None:
+    """Evaluate a model: headstart-evaluate model=RUN_DIR|CKPT|ONNX|BUNDLE [data=...] [split=test]"""
+    from headstart.entry import run_guarded
+    from headstart.evaluate.evaluation import evaluate as evaluate_stage
+
+    run_guarded(evaluate_stage, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="predict")
+def predict(cfg: DictConfig) -> None:
+    """Predict a folder, file or glob of images: headstart-predict model=BUNDLE inputs=FOLDER_OR_GLOB"""
+    from headstart.entry import run_guarded
+    from headstart.evaluate.prediction import predict as predict_stage
+
+    run_guarded(predict_stage, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="prune")
+def prune(cfg: DictConfig) -> None:
+    """Prune a trained model: headstart-prune model=RUN_DIR_OR_CKPT [pruning.ratio=0.5] [pruning.steps=8]"""
+    from headstart.entry import run_guarded
+    from headstart.prune.recipe import prune as prune_stage
+
+    run_guarded(prune_stage, cfg)
