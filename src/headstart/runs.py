@@ -8,28 +8,16 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
+from omegaconf import DictConfig, read_write
 
 from headstart.errors import ConfigError
+from headstart.serve.plain import plain
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-
-
-def plain(node: Any) -> Any:
-    """A config node, mapping or sequence as plain dicts and lists (a deep copy, interpolations resolved): what
-    checkpoints, manifests and hyperparameters may hold."""
-    if isinstance(node, DictConfig | ListConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    if isinstance(node, Mapping):
-        return {str(k): plain(v) for k, v in node.items()}
-    if isinstance(node, Sequence) and not isinstance(node, str | bytes):
-        return [plain(v) for v in node]
-    return node
 
 
 # Keys naming files and folders a run reads or writes. A model records them as absolute paths, so that its recorded
@@ -53,7 +41,7 @@ def recorded_config(cfg: DictConfig) -> dict:
     """What a model records about its run (checkpoints, bundles, manifests): the resolved config as plain data,
     without Hydra's own section, with the paths in PATH_KEYS made absolute (backbone.weights only when it names a
     file)."""
-    record = {k: v for k, v in plain(cfg).items() if k != "hydra"}
+    record = {str(k): plain(cfg[k]) for k in cfg if k != "hydra"}
     for key in PATH_KEYS:
         section, _, leaf = key.rpartition(".")
         node = record.get(section) if section else record

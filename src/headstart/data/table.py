@@ -33,7 +33,7 @@ from headstart.core.transforms import eval_transform, train_transform
 from headstart.data.images import ImageDataModule, ImageDataset
 from headstart.data.samples import SampleTable, check_fractions, parse_splits, split_pool
 from headstart.errors import ConfigError, DataError
-from headstart.runs import plain
+from headstart.serve.plain import plain
 
 KINDS: tuple[str, ...] = ("binary", "multiclass", "multilabel", "bounded_regression", "regression")
 _TRUE = frozenset({"1", "true", "yes", "y", "t"})

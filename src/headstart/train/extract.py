@@ -17,7 +17,8 @@ from headstart.data.extraction import check_rank, find_or_extract
 from headstart.data.kfold import kfold_splits
 from headstart.dof import DofError, open_dof
 from headstart.errors import ConfigError, DataError
-from headstart.runs import plain, write_json
+from headstart.runs import write_json
+from headstart.serve.plain import plain
 from headstart.train.config import validate_train_config
 
 log = logging.getLogger(__name__)

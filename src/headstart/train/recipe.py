@@ -24,7 +24,8 @@ from headstart.data import data_flow
 from headstart.data.features import FeatureDataModule
 from headstart.errors import ConfigError, DataError, DivergedError
 from headstart.flow import TaskFlow
-from headstart.runs import plain, recorded_config, resolve_resume, write_json
+from headstart.runs import recorded_config, resolve_resume, write_json
+from headstart.serve.plain import plain
 from headstart.ship.shipping import ship_run
 from headstart.train.benefit import describe_benefit, dof_benefit
 from headstart.train.callbacks import EpochCostTimer
