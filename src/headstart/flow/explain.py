@@ -57,7 +57,7 @@ def tree(flow: TaskFlow) -> str:
 def _indented(flow: TaskFlow, paths: list[str], line: Callable[[str], str]) -> str:
     """`paths` as an indented tree: each under the task (among `paths`) its condition refers to; if it refers to
     several, the one decided last."""
-    rank = {p: k for k, p in enumerate(flow._order)}
+    rank = {p: k for k, p in enumerate(flow.order)}
     children: dict[str | None, list[str]] = {}
     for path in paths:
         parents = [d for d in flow.depends_on(path) if d in paths]
