@@ -21,10 +21,12 @@ _INTERPOLATIONS = {
 
 
 def _geometry(t: InputTransform) -> list[v2.Transform]:
+    """Resize and crop the PIL image (torchvision resizes a PIL image with PIL itself), then make it a tensor: the
+    same pixels as `headstart.serve.transform.preprocess`, which serves bundles without torch."""
     return [
-        v2.ToImage(),
         v2.Resize(t.resize, interpolation=_INTERPOLATIONS[t.interpolation], antialias=True),
         v2.CenterCrop(t.crop),
+        v2.ToImage(),
     ]
 
 

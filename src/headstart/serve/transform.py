@@ -3,13 +3,14 @@ numpy.
 
 `InputTransform` is the one description of a model's input: training and evaluation build their torchvision
 transform from it (`headstart.core.transforms.eval_transform`), bundles record it in model.json, and `preprocess`
-here applies it without torch. Both resize the short side with antialiasing, center-crop and normalize; they agree
-to within a few uint8 levels of rounding in the resize (tests/test_serve.py measures it on real photos).
+here applies it without torch. Both resize the short side with PIL, center-crop and normalize, so they give the same
+pixels; the normalized values agree to float32 rounding (tests/test_serve.py checks it on real photos).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from numbers import Integral, Real
@@ -103,6 +104,12 @@ def _three(name: str, values: object, positive: bool) -> tuple[float, float, flo
     return numbers  # type: ignore[return-value]
 
 
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file fully into an RGB PIL image (grayscale, palette and RGBA are converted)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
 def resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     """(width, height) with the short side `short` and the long side scaled and truncated (torchvision's rule)."""
     if width <= height:
@@ -110,31 +117,16 @@ def resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     return int(short * width / height), short
 
 
-def _nearest(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """torch's "nearest" resize (source index floor(i * in / out), in float32), which PIL's NEAREST, sampling pixel
-    centres, does not reproduce."""
-
-    def index(n_in: int, n_out: int) -> np.ndarray:
-        if n_in == n_out:
-            return np.arange(n_out)
-        scale = np.float32(n_in) / np.float32(n_out)
-        return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
-
-    w, h = size
-    return pixels[index(pixels.shape[0], h)][:, index(pixels.shape[1], w)]
-
-
 def preprocess(image: Image.Image, t: InputTransform) -> np.ndarray:
     """An RGB PIL image -> normalized float32[3, crop, crop]: the eval transform of training, without torch."""
     image = image.convert("RGB")
     size = resized_size(image.width, image.height, t.resize)
-    if t.interpolation == "nearest":
-        pixels = _nearest(np.asarray(image, dtype=np.uint8), size)
-    else:
-        pixels = np.asarray(image.resize(size, _PIL_FILTERS[t.interpolation]) if size != image.size else image)
+    if size != image.size:
+        image = image.resize(size, _PIL_FILTERS[t.interpolation])
+    pixels = np.asarray(image, dtype=np.uint8)
     h, w = pixels.shape[:2]
     top, left = round((h - t.crop) / 2.0), round((w - t.crop) / 2.0)  # torchvision rounds so too
     pixels = pixels[top : top + t.crop, left : left + t.crop]
-    x = pixels.astype(np.float32) / np.float32(255.0)
+    x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)  # torchvision's ToDtype(scale=True) multiplies so
     x = (x - np.asarray(t.mean, dtype=np.float32)) / np.asarray(t.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
