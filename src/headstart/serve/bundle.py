@@ -5,6 +5,10 @@ tasks and classes, flow conditions, thresholds, the resolved config and its hash
 hash), `golden.safetensors` (inputs and the PyTorch outputs on them) and `SHA256SUMS` (sha256sum format). A head update
 holds `head.onnx` (features -> logits) instead, and applies only to a base bundle whose backbone hash it records.
 Nothing in a bundle is code or pickle.
+
+This module reads, fetches and verifies bundles with numpy, onnxruntime and safetensors only; writing them needs the
+model and torch (`headstart.ship.bundle`). Checking a run's model.onnx against its checkpoint is
+`headstart.evaluate.loading`'s, through the same `verify_graph`.
 """
 
 from __future__ import annotations
