@@ -860,7 +860,9 @@ def test_predict_py_runs_a_head_update_on_its_base(head_update, full, image_file
     expected = Predictor.load(head_update, base=full, threads=1)
     x = expected.preprocess(image_files)
     for task, logits in expected(x).items():
-        torch.testing.assert_close(loaded.runner(torch.from_numpy(x))[task], torch.from_numpy(logits), rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.runner(torch.from_numpy(x))[task], torch.from_numpy(logits), rtol=0, atol=0
+        )
     assert loaded.kind == "bundle" and loaded.flow.thresholds == expected.flow.thresholds
     with pytest.raises(BundleError, match="load it on top of its base bundle"):
         load_model(head_update)

@@ -103,7 +103,9 @@ def _bundle(source: str | Path, runtime: str, threads: int | None, base: str | P
         )
     p = Predictor.load(source, base=base, threads=threads)
     flow = _task_flow(p.description)
-    return LoadedModel(str(source), "bundle", as_torch(p), flow, p.transform, p.description.get("config"), None)
+    return LoadedModel(
+        str(source), "bundle", as_torch(p), flow, p.transform, p.description.get("config"), None
+    )
 
 
 def _task_flow(desc: dict[str, Any]) -> TaskFlow:

@@ -183,6 +183,7 @@ class TaskFlow(FlowSpec):
             self.thresholds[path] = current
         return {p: plain_threshold(v) for p, v in self.thresholds.items()}
 
+
 def best_f1_threshold(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """The threshold t whose decisions `scores > float32(t)` have the best F1 against `positive`.
 

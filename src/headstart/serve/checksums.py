@@ -16,5 +16,7 @@ def sha256_file(path: str | Path) -> str:
 
 def sums_text(folder: Path) -> str:
     """SHA256SUMS for the files directly in `folder` (sorted by name; SHA256SUMS itself left out)."""
-    lines = [f"{sha256_file(p)}  {p.name}" for p in sorted(folder.iterdir()) if p.is_file() and p.name != SUMS]
+    lines = [
+        f"{sha256_file(p)}  {p.name}" for p in sorted(folder.iterdir()) if p.is_file() and p.name != SUMS
+    ]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ import numpy as np
 
 from headstart.serve.flowspec import SCALAR_KINDS, FlowSpec, TaskSpec
 
-Logits = Mapping[str, Any]  # {task path: array-like float[N] or float[N, C]} (numpy arrays, or anything np.asarray takes)
+# {task path: float[N] or float[N, C]}: numpy arrays, or anything np.asarray takes
+Logits = Mapping[str, Any]
 
 
 def flat(task: TaskSpec, logits: Any) -> np.ndarray:

@@ -113,9 +113,7 @@ class Predictor:
             out[i] = preprocess(to_pil(x), self.transform)
         return out
 
-    def logits(
-        self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 32
-    ) -> dict[str, np.ndarray]:
+    def logits(self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
         """{task: logits} for images (or an already preprocessed float32[N, 3, H, W] array); no images give logits
         with 0 rows."""
         if isinstance(images, np.ndarray) and images.ndim == 4:
