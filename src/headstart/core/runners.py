@@ -53,6 +53,8 @@ class TorchOutputs:
         return {k: torch.from_numpy(np.asarray(v)) for k, v in self.inner(images).items()}
 
     def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
