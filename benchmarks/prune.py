@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_dir
 
+from headstart.core.runners import as_torch
 from headstart.evaluate.evaluation import run_split
 from headstart.evaluate.loading import load_model, model_datamodule
 from headstart.prune.recipe import prune
@@ -89,7 +90,7 @@ def main() -> None:
         for row in steps.itertuples():
             loaded = load_model(out / row.checkpoint, runtime="pytorch", threads=args.threads)
             datamodule = model_datamodule(None, loaded, split="test")
-            loaded.runner = OnnxRunner(out / row.onnx, loaded.flow.leaf_paths, args.threads)
+            loaded.runner = as_torch(OnnxRunner(out / row.onnx, loaded.flow.leaf_paths, args.threads))
             accuracy[row.step] = run_split(loaded, datamodule, "test").metrics["test/label/acc"]
 
         runners = {

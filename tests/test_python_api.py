@@ -20,7 +20,14 @@ def _blocks() -> list[str]:
 
 def test_the_page_covers_each_plain_api() -> None:
     code = "\n".join(_blocks())
-    for name in ("build_backbone", "TaskFlow", "find_or_extract", "HeadstartModel", "make_pruner", "Predictor"):
+    for name in (
+        "build_backbone",
+        "TaskFlow",
+        "find_or_extract",
+        "HeadstartModel",
+        "make_pruner",
+        "Predictor",
+    ):
         assert name in code, name
 
 

@@ -22,7 +22,7 @@ from headstart.core.model import HeadstartModel
 from headstart.core.transforms import eval_transform
 from headstart.errors import ConfigError, DataError, ExportError
 from headstart.evaluate.evaluation import evaluate
-from headstart.serve.predictor import decode
+from headstart.serve.decode import decode
 from headstart.ship.export import check_parity, export_onnx, read_metadata
 from headstart.train.recipe import train
 

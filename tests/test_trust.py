@@ -29,8 +29,8 @@ from headstart.errors import ConfigError, DataError, DivergedError
 from headstart.evaluate.evaluation import evaluate
 from headstart.prune.recipe import prune
 from headstart.runs import FAILED, UniqueRunDir, claim_run_dir, recorded_config
-from headstart.serve.bundle import describe_image_model, write_bundle
 from headstart.serve.plain import plain
+from headstart.ship.bundle import describe_image_model, write_bundle
 from headstart.ship.export import export_onnx
 from headstart.tools.zoo import main as zoo_main
 from headstart.train.callbacks import DivergenceGuard

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from numbers import Integral, Real
+from collections.abc import Sequence
 
 import torch
 from torchvision.transforms import v2
 
-from headstart.errors import ConfigError
+from headstart.serve.transform import MAX_SIDE, InputTransform
 
+__all__ = ["MAX_SIDE", "InputTransform", "denormalize", "eval_transform", "train_transform"]
+
+# The description (sizes, mean, std, interpolation and their validation) is `headstart.serve.transform`'s; this module
+# builds torchvision transforms from it.
 _INTERPOLATIONS = {
     "nearest": v2.InterpolationMode.NEAREST,
     "bilinear": v2.InterpolationMode.BILINEAR,
@@ -19,87 +20,13 @@ _INTERPOLATIONS = {
 }
 
 
-# Sides a transform may ask for: past this a resize allocates gigabytes per image (a damaged or edited file, not a
-# backbone: the largest ones read a few hundred pixels).
-MAX_SIDE = 4096
-
-
-@dataclass(frozen=True)
-class InputTransform:
-    """What a backbone expects: resize the short side to `resize`, center-crop `crop`, normalize with mean/std.
-
-    Every value is checked on construction (ConfigError naming the field): the values also come from files (a
-    checkpoint, a bundle, a DoF manifest), where an absurd side would otherwise become a huge allocation.
-    """
-
-    resize: int
-    crop: int
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-    def __post_init__(self) -> None:
-        for name in ("resize", "crop"):
-            value = getattr(self, name)
-            if not (isinstance(value, Integral) and not isinstance(value, bool) and 1 <= value <= MAX_SIDE):
-                raise ConfigError(
-                    f"transform.{name} must be a whole number of pixels in [1, {MAX_SIDE}], got {value!r}"
-                )
-            object.__setattr__(self, name, int(value))
-        if self.crop > self.resize:
-            raise ConfigError(
-                f"transform.crop ({self.crop}) must not exceed transform.resize ({self.resize}): the center crop is "
-                "taken from the resized image"
-            )
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ConfigError(
-                f"transform.interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
-            )
-        object.__setattr__(self, "mean", _three("mean", self.mean, positive=False))
-        object.__setattr__(self, "std", _three("std", self.std, positive=True))
-
-    def to_dict(self) -> dict:
-        """Plain dict (lists, not tuples) for checkpoints, manifests and JSON."""
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> InputTransform:
-        """From plain data (a config, a checkpoint, a bundle's model.json); ConfigError naming a missing or bad
-        field."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"transform must be a mapping of resize, crop, mean and std, got {d!r}"[:300])
-        missing = [k for k in ("resize", "crop", "mean", "std") if k not in d]
-        if missing:
-            raise ConfigError(f"transform lacks {', '.join(missing)}")
-        return cls(
-            resize=d["resize"],
-            crop=d["crop"],
-            interpolation=d.get("interpolation", "bilinear"),
-            mean=d["mean"],
-            std=d["std"],
-        )
-
-
-def _three(name: str, values: object, positive: bool) -> tuple[float, float, float]:
-    """Three finite numbers (one per RGB channel), positive ones for `positive`."""
-    ok = isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 3
-    ok = ok and all(isinstance(v, Real) and not isinstance(v, bool) for v in values)
-    numbers = tuple(float(v) for v in values) if ok else ()
-    if not ok or not all(math.isfinite(v) and (v > 0 or not positive) for v in numbers):
-        need = "finite positive numbers" if positive else "finite numbers"
-        raise ConfigError(
-            f"transform.{name} must be three {need} (one per RGB channel), got {values!r}"[:300]
-        )
-    return numbers  # type: ignore[return-value]
-
-
 def _geometry(t: InputTransform) -> list[v2.Transform]:
+    """Resize and crop the PIL image (torchvision resizes a PIL image with PIL itself), then make it a tensor: the
+    same pixels as `headstart.serve.transform.preprocess`, which serves bundles without torch."""
     return [
-        v2.ToImage(),
         v2.Resize(t.resize, interpolation=_INTERPOLATIONS[t.interpolation], antialias=True),
         v2.CenterCrop(t.crop),
+        v2.ToImage(),
     ]
 
 

@@ -28,6 +28,7 @@ from headstart.core.transforms import InputTransform, eval_transform, train_tran
 from headstart.data.kfold import check_kfold, kfold_splits
 from headstart.data.samples import SPLITS, SampleTable, csv_table, folder_table
 from headstart.errors import ConfigError, DataError
+from headstart.serve.transform import load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ class BadImageWarning(UserWarning):
 
 class ImbalanceWarning(UserWarning):
     """The training classes are imbalanced beyond `imbalance_ratio`."""
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file fully into an RGB PIL image (grayscale, palette and RGBA are converted)."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 def _check_image(path: str, full: bool) -> str | None:

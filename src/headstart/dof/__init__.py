@@ -1,4 +1,4 @@
-"""The DoF feature-set format: writer, reader, verification. Imports nothing from the rest of headstart.
+"""The DoF feature-set format: writer, reader, verification. Imports from headstart only serve.checksums (sha256).
 
 A DoF set stores a frozen backbone's outputs over a dataset (``features``, ``index``, ``view`` and
 ``target.<task>`` arrays in ``.npy`` shards) with a ``manifest.json`` written last; see ``format`` for the layout.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,11 +16,7 @@ except ImportError:  # not on Windows: there, concurrent extractions of one set 
 import numpy as np
 
 from headstart.dof.format import TMP_SUFFIX
-
-
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+from headstart.serve.checksums import sha256_file  # the one home of file hashing (dof may import serve)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 
 from headstart.core.model import HeadstartModel
+from headstart.core.runners import Runner, TorchRunner, as_torch
 from headstart.core.transforms import InputTransform
 from headstart.data import data_flow
 from headstart.data.recorded import datamodule_from_record
@@ -23,16 +24,16 @@ from headstart.serve.bundle import (
     FULL_GRAPH,
     RUNNING_FIELDS,
     Reference,
+    Wording,
     check_description,
-    describe_image_model,
     describe_running,
     is_bundle_folder,
     is_url,
     open_graph,
     verify_graph,
 )
-from headstart.serve.runtime import Runner, TorchRunner
-from headstart.ship.export import Wording, export_onnx, read_metadata
+from headstart.ship.bundle import describe_image_model
+from headstart.ship.export import export_onnx, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,17 @@ def _bundle(source: str | Path, runtime: str, threads: int | None, base: str | P
             f"model={source} is a bundle (ONNX): it runs with runtime=onnx (or auto), not pytorch"
         )
     p = Predictor.load(source, base=base, threads=threads)
-    return LoadedModel(str(source), "bundle", p, p.flow, p.transform, p.description.get("config"), None)
+    flow = _task_flow(p.description)
+    return LoadedModel(
+        str(source), "bundle", as_torch(p), flow, p.transform, p.description.get("config"), None
+    )
+
+
+def _task_flow(desc: dict[str, Any]) -> TaskFlow:
+    """The torch TaskFlow (losses, metrics) of a description that check_description has passed."""
+    flow = TaskFlow.from_spec(desc["flow"])
+    flow.load_state({"thresholds": desc.get("thresholds") or {}})
+    return flow
 
 
 # A lone .onnx file has no SHA256SUMS and no golden outputs: only its embedded description and the graph's shape can
@@ -139,14 +150,15 @@ def _onnx(
             "bundle, model=HEAD_UPDATE_FOLDER base=BASE_BUNDLE"
         )
     where = str(path)
-    flow = check_description(desc, where, fix)
+    check_description(desc, where, fix)
+    flow = _task_flow(desc)
     reference = None
     if torch_model is not None and checkpoint is not None:
         reference = functools.partial(_checkpoint_reference, torch_model, checkpoint, desc, where, fix)
     runner = open_graph(path, desc, threads, where, fix)
     verify_graph(runner, desc, where, fix, reference)
     transform = InputTransform.from_dict(desc["transform"])
-    return LoadedModel(str(path), "onnx", runner, flow, transform, desc.get("config"), torch_model)
+    return LoadedModel(str(path), "onnx", as_torch(runner), flow, transform, desc.get("config"), torch_model)
 
 
 def _checkpoint_reference(
@@ -171,7 +183,7 @@ def _checkpoint_reference(
         verdict=f"checked on {_PROBES} fixed inputs",
         fix=fix,
     )
-    return Reference(images.numpy(), expected, words)
+    return Reference(images.numpy(), {k: v.numpy() for k, v in expected.items()}, words)
 
 
 def _canonical(value: Any) -> str:

@@ -18,7 +18,7 @@ from headstart.core.transforms import InputTransform, eval_transform
 from headstart.data import load_rgb
 from headstart.errors import DataError
 from headstart.evaluate.loading import load_model
-from headstart.serve.predictor import decode
+from headstart.serve.decode import decode
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             unreadable += [{"path": str(paths[i]), "error": err} for i, x, err in items if x is None]
             if good:
                 logits = loaded.runner(torch.stack([x for _, x in good]))
-                for (i, _), decoded in zip(good, decode(loaded.flow, logits), strict=True):
+                for (i, _), decoded in zip(
+                    good, decode(loaded.flow, {p: v.numpy() for p, v in logits.items()}), strict=True
+                ):
                     rows.append({"path": str(paths[i]), "predictions": decoded})
             bar.advance(job, len(items))
     write_predictions(rows, unreadable, loaded.flow.leaf_paths, out)

@@ -1,4 +1,4 @@
-"""TaskFlow: a tree of tasks asked of one image. Imports nothing from the rest of headstart."""
+"""TaskFlow: a tree of tasks asked of one image. Imports from headstart only its spec (`headstart.serve.flowspec`)."""
 
 from headstart.flow.flow import Group, TaskFlow
 from headstart.flow.head import FlowHead

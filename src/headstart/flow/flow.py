@@ -3,163 +3,40 @@
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from headstart.flow import conditions
-from headstart.flow.conditions import Condition, ConditionSyntaxError
-from headstart.flow.tasks import FlowSpecError, NonFiniteError, Task, decision_scores
+from headstart.flow.tasks import NonFiniteError, Task, decision_scores
+from headstart.serve.flowspec import FlowSpec, Group, plain_threshold
 
 if TYPE_CHECKING:
     from headstart.flow.head import FlowHead
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_GROUP_KEYS = ("given", "tasks")
+__all__ = ["Group", "TaskFlow", "best_f1_threshold"]
 
 
-@dataclass(frozen=True)
-class Group:
-    """A group of tasks sharing a condition (`given`, None for none)."""
+class TaskFlow(FlowSpec):
+    """A flow (its spec, conditions and thresholds: `headstart.serve.flowspec.FlowSpec`) with what training and
+    evaluation do in torch: where each task applies, losses, predictions, threshold tuning.
 
-    path: str
-    given: str | None = None
-
-
-@dataclass(frozen=True)
-class _Clause:
-    """One condition a task must satisfy: its own `given`, or that of an enclosing group (`owner`)."""
-
-    owner: str
-    text: str
-    cond: Condition
-
-
-class TaskFlow:
-    """Tasks declared as nested `tasks:` mappings; leaves in declaration order.
-
-    Plain classification is a flow with one multiclass task named `label`. A task applies on a sample where its
-    label is present, its own `given` holds and every enclosing group's `given` holds (see `conditions`).
-    `thresholds` holds the decision threshold of every binary task (float) and multilabel task (one per class).
+    Plain classification is a flow with one multiclass task named `label`.
     """
 
-    def __init__(
-        self,
-        tasks: list[Task],
-        groups: list[Group] | None = None,
-        thresholds: Mapping[str, float | list[float]] | None = None,
-    ) -> None:
-        if not tasks:
-            raise FlowSpecError("a flow needs at least one task")
-        self.tasks: dict[str, Task] = {}
-        for t in tasks:
-            if t.path in self.tasks:
-                raise FlowSpecError(f"task '{t.path}' is declared twice")
-            self.tasks[t.path] = t
-        self.groups: dict[str, Group] = {g.path: g for g in groups or []}
-        for t in tasks:
-            missing = [g for g in t.groups if g not in self.groups]
-            if missing:
-                raise FlowSpecError(f"task '{t.path}': unknown group {missing[0]!r}")
-        self._clauses = {path: self._parse_clauses(task) for path, task in self.tasks.items()}
-        self._order = self._check_cycles()
-        self.thresholds: dict[str, float | list[float]] = {
-            p: t.default_threshold() for p, t in self.tasks.items() if t.has_threshold
-        }
-        for path, value in (thresholds or {}).items():
-            self._set_threshold(path, value)
-
-    # ---- building -------------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_spec(cls, spec: Mapping) -> TaskFlow:
-        """Build a flow from `{"tasks": {...}}` (nested groups allowed) and optional `"thresholds": {path: ...}`."""
-        if not isinstance(spec, Mapping) or "tasks" not in spec:
-            raise FlowSpecError("a flow spec is a mapping with a 'tasks' key")
-        tasks: list[Task] = []
-        groups: list[Group] = []
-        _walk(spec["tasks"], prefix="", enclosing=(), tasks=tasks, groups=groups)
-        thresholds = spec.get("thresholds") or {}
-        if not isinstance(thresholds, Mapping):
-            raise FlowSpecError(f"'thresholds' must map task paths to thresholds, got {thresholds!r}")
-        return cls(tasks, groups, thresholds)
+    task_class = Task
 
     @classmethod
     def classification(cls, classes: list[str]) -> TaskFlow:
         return cls([Task.from_spec("label", {"kind": "multiclass", "classes": list(classes)})])
-
-    def to_spec(self) -> dict:
-        """The nested spec (plain data), with the thresholds that differ from their default."""
-        root: dict = {}
-        for task in self.tasks.values():
-            node = root
-            for gpath in task.groups:
-                name = gpath.rsplit(".", 1)[-1]
-                if name not in node:
-                    given = self.groups[gpath].given
-                    node[name] = ({"given": given} if given is not None else {}) | {"tasks": {}}
-                node = node[name]["tasks"]
-            node[task.name] = task.to_spec()
-        spec: dict = {"tasks": root}
-        tuned = {
-            p: _plain(v) for p, v in self.thresholds.items() if _plain(v) != self.tasks[p].default_threshold()
-        }
-        if tuned:
-            spec["thresholds"] = tuned
-        return spec
-
-    def state(self) -> dict:
-        """What training learns besides weights (the thresholds), as plain data for a checkpoint."""
-        return {"thresholds": {p: _plain(v) for p, v in self.thresholds.items()}}
-
-    def load_state(self, state: Mapping) -> None:
-        for path, value in (state.get("thresholds") or {}).items():
-            self._set_threshold(path, value)
 
     def head(self, in_features: int, hidden: list[int] | None = None, dropout: float = 0.0) -> FlowHead:
         """An nn.Module mapping features `float[N, D]` to {path: logits}."""
         from headstart.flow.head import FlowHead
 
         return FlowHead(in_features, self, hidden=hidden, dropout=dropout)
-
-    @property
-    def leaf_paths(self) -> list[str]:
-        return list(self.tasks)
-
-    def condition_text(self, path: str) -> str | None:
-        """The whole condition of a task (groups' and its own, joined with `&`), or None."""
-        texts = [c.text if len(self._clauses[path]) == 1 else f"({c.text})" for c in self._clauses[path]]
-        return " & ".join(texts) if texts else None
-
-    def depends_on(self, path: str) -> list[str]:
-        """The binary tasks a task's condition (groups' included) refers to, in order of appearance."""
-        out: list[str] = []
-        for clause in self._clauses[path]:
-            out += [n for n in conditions.names(clause.cond) if n not in out]
-        return out
-
-    # ---- where tasks apply ----------------------------------------------------------------------------------
-
-    def _holds(self, present: Mapping[str, torch.Tensor], value: Mapping[str, torch.Tensor]) -> dict:
-        """{path: bool[N]} where each task's condition (groups' included) is true."""
-        holds: dict[str, torch.Tensor] = {}
-
-        def ref(p: str) -> tuple[torch.Tensor, torch.Tensor]:
-            known = present[p] & holds[p]
-            return known & value[p], known & ~value[p]
-
-        for path in self._order:
-            n = present[path].shape[0]
-            h = torch.ones(n, dtype=torch.bool, device=present[path].device)
-            for clause in self._clauses[path]:
-                h = h & conditions.evaluate(clause.cond, ref)[0]
-            holds[path] = h
-        return holds
 
     def _truth(self, targets: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
         present = {p: t.present(targets[p]) for p, t in self.tasks.items()}
@@ -169,12 +46,12 @@ class TaskFlow:
     def masks(self, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{path: bool[N]}: where each task applies (is trained and scored), from ground truth."""
         present, value = self._truth(targets)
-        holds = self._holds(present, value)
+        holds = self.holds(present, value)
         return {p: present[p] & holds[p] for p in self.tasks}
 
     def condition_holds(self, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{path: bool[N]}: where each task's condition (groups' included) holds by ground truth, label or not."""
-        return self._holds(*self._truth(targets))
+        return self.holds(*self._truth(targets))
 
     def known_applicability(self, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{path: bool[N]}: where ground truth settles whether a task applies.
@@ -183,9 +60,9 @@ class TaskFlow:
         applies, its label is present. A task without a condition is settled everywhere.
         """
         present, value = self._truth(targets)
-        holds = self._holds(present, value)
+        holds = self.holds(present, value)
         known: dict[str, torch.Tensor] = {}
-        for path in self._order:
+        for path in self.order:
             k = torch.ones_like(present[path])
             for dep in self.depends_on(path):
                 k = k & known[dep] & (~holds[dep] | present[dep])
@@ -201,7 +78,7 @@ class TaskFlow:
         value = {
             p: t.decode(logits[p], self.thresholds[p]) for p, t in self.tasks.items() if t.kind == "binary"
         }
-        return self._holds(present, value)
+        return self.holds(present, value)
 
     # ---- losses -------------------------------------------------------------------------------------------------
 
@@ -304,82 +181,7 @@ class TaskFlow:
                 if bool(rows.any()):
                     current[c] = _tuned(f"{path}[{name}]", scores[rows, c], target[rows, c] > 0.5)
             self.thresholds[path] = current
-        return {p: _plain(v) for p, v in self.thresholds.items()}
-
-    def _set_threshold(self, path: str, value: float | list[float]) -> None:
-        task = self.tasks.get(path)
-        if task is None or not task.has_threshold:
-            raise FlowSpecError(f"thresholds: '{path}' is not a binary or multilabel task of this flow")
-        if task.kind == "binary":
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0
-            value = float(value) if ok else value
-        else:
-            ok = (
-                isinstance(value, Sequence) and not isinstance(value, str) and len(value) == len(task.classes)
-            )
-            ok = ok and all(isinstance(v, int | float) and 0.0 <= float(v) <= 1.0 for v in value)
-            value = [float(v) for v in value] if ok else value
-        if not ok:
-            raise FlowSpecError(
-                f"thresholds: '{path}' needs {'a number' if task.kind == 'binary' else 'one number per class'}"
-                f" in [0, 1], got {value!r}"
-            )
-        self.thresholds[path] = value
-
-    # ---- validation ---------------------------------------------------------------------------------------------
-
-    def _parse_clauses(self, task: Task) -> list[_Clause]:
-        sources = [
-            (f"group '{g}'", self.groups[g].given) for g in task.groups if self.groups[g].given is not None
-        ]
-        if task.given is not None:
-            sources.append((f"task '{task.path}'", task.given))
-        clauses = []
-        for owner, text in sources:
-            where = owner if owner.startswith("task") else f"task '{task.path}' (in {owner})"
-            try:
-                cond = conditions.parse(text)
-            except ConditionSyntaxError as e:
-                raise FlowSpecError(f"{where}: bad condition given: {text!r}: {e}") from None
-            for name in conditions.names(cond):
-                if name not in self.tasks:
-                    hint = " (a group, not a task)" if name in self.groups else ""
-                    raise FlowSpecError(
-                        f"{where}: condition given: {text!r} refers to unknown task '{name}'{hint}; "
-                        f"tasks: {', '.join(self.tasks)}"
-                    )
-                if self.tasks[name].kind != "binary":
-                    raise FlowSpecError(
-                        f"{where}: condition given: {text!r} refers to '{name}', a {self.tasks[name].kind} "
-                        "task; conditions may only refer to binary tasks"
-                    )
-            clauses.append(_Clause(owner, text, cond))
-        return clauses
-
-    def _check_cycles(self) -> list[str]:
-        """A topological order of the tasks (dependencies first); FlowSpecError naming a cycle if there is one."""
-        order: list[str] = []
-        state: dict[str, int] = {}  # 1: on the stack, 2: done
-
-        def visit(path: str, stack: list[str]) -> None:
-            if state.get(path) == 2:
-                return
-            if state.get(path) == 1:
-                cycle = [*stack[stack.index(path) :], path]
-                first = cycle[0]
-                raise FlowSpecError(
-                    f"task '{first}': condition given: {self.condition_text(first)!r} makes a cycle: "
-                    + " -> ".join(cycle)
-                )
-            state[path] = 1
-            for dep in self.depends_on(path):
-                visit(dep, [*stack, path])
-            state[path] = 2
-            order.append(path)
-
-        for path in self.tasks:
-            visit(path, [])
-        return order
+        return {p: plain_threshold(v) for p, v in self.thresholds.items()}
 
 
 def best_f1_threshold(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -443,38 +245,3 @@ def _shortest(t: np.float32) -> float:
     """The shortest decimal that rounds to the float32 t (as a Python float, the same float32 again)."""
     short = float(np.format_float_positional(t, unique=True, trim="-"))
     return short if np.float32(short) == t else float(t)
-
-
-def _plain(value: float | list[float] | None) -> float | list[float] | None:
-    return list(value) if isinstance(value, Sequence) else value
-
-
-def _walk(
-    spec: Mapping, prefix: str, enclosing: tuple[str, ...], tasks: list[Task], groups: list[Group]
-) -> None:
-    """Collect leaves (declaration order) and groups from a nested `tasks:` mapping."""
-    where = f"group '{prefix[:-1]}'" if prefix else "'tasks'"
-    if not isinstance(spec, Mapping) or not spec:
-        raise FlowSpecError(f"{where}: expected a non-empty mapping of tasks")
-    for name, node in spec.items():
-        path = f"{prefix}{name}"
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise FlowSpecError(
-                f"task '{path}': a task or group name is letters, digits and '_' (not starting with a digit); "
-                "nest groups instead of writing dots"
-            )
-        if not isinstance(node, Mapping):
-            raise FlowSpecError(f"task '{path}': expected a mapping with 'kind', got {node!r}")
-        if "tasks" in node:
-            unknown = set(node) - set(_GROUP_KEYS)
-            if unknown:
-                raise FlowSpecError(
-                    f"group '{path}': unknown keys {sorted(unknown)}; a group has only 'given' and 'tasks'"
-                )
-            given = node.get("given")
-            if given is not None and not isinstance(given, str):
-                raise FlowSpecError(f"group '{path}': 'given' must be an expression string, got {given!r}")
-            groups.append(Group(path, given))
-            _walk(node["tasks"], f"{path}.", (*enclosing, path), tasks, groups)
-        else:
-            tasks.append(Task.from_spec(path, dict(node), groups=enclosing))

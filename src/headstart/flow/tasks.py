@@ -7,20 +7,21 @@ float; multilabel `float[N, C]`, a missing row all NaN.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_KINDS = ("binary", "multiclass", "multilabel", "bounded_regression", "regression")
-REGRESSION_LOSSES = ("mse", "l1", "smooth_l1")
-TASK_KEYS = ("kind", "classes", "scale", "loss", "weight", "given")
-_SCALAR_KINDS = ("binary", "bounded_regression", "regression")
+from headstart.serve.flowspec import (  # noqa: F401 (names of the flow)
+    REGRESSION_LOSSES,
+    SCALAR_KINDS,
+    SUPPORTED_KINDS,
+    TASK_KEYS,
+    FlowSpecError,
+    TaskSpec,
+)
 
-
-class FlowSpecError(ValueError):
-    """A flow specification is malformed (unknown kind, missing classes, bad weight, bad condition)."""
+_SCALAR_KINDS = SCALAR_KINDS
 
 
 class NonFiniteError(ValueError):
@@ -29,125 +30,8 @@ class NonFiniteError(ValueError):
 
 
 @dataclass(frozen=True)
-class Task:
-    """One leaf of a flow.
-
-    `path` is dotted (`person.shirt`); `classes` names the outputs of multiclass and multilabel tasks; `given` is the
-    task's own condition text (enclosing groups' conditions live in the flow); `groups` are the paths of the
-    enclosing groups, outermost first.
-    """
-
-    path: str
-    kind: str
-    classes: tuple[str, ...] = field(default_factory=tuple)
-    weight: float = 1.0
-    scale: float | None = None
-    regression_loss: str | None = None
-    given: str | None = None
-    groups: tuple[str, ...] = field(default_factory=tuple)
-
-    @classmethod
-    def from_spec(cls, path: str, spec: dict, groups: tuple[str, ...] = ()) -> Task:
-        kind = spec.get("kind")
-        if kind not in SUPPORTED_KINDS:
-            raise FlowSpecError(
-                f"task '{path}': kind {kind!r} is not supported; supported kinds: {', '.join(SUPPORTED_KINDS)}"
-            )
-        unknown = set(spec) - set(TASK_KEYS)
-        if unknown:
-            raise FlowSpecError(
-                f"task '{path}': unknown keys {sorted(unknown)}; allowed: {', '.join(TASK_KEYS)}"
-            )
-        classes: tuple[str, ...] = ()
-        if kind in ("multiclass", "multilabel"):
-            raw = spec.get("classes")
-            if isinstance(raw, int) and not isinstance(raw, bool):
-                raw = [str(i) for i in range(raw)]
-            minimum = 2 if kind == "multiclass" else 1
-            if not isinstance(raw, Sequence) or isinstance(raw, str) or len(raw) < minimum:
-                raise FlowSpecError(
-                    f"task '{path}': a {kind} task needs 'classes' (a list of names or a count >= {minimum})"
-                )
-            classes = tuple(str(c) for c in raw)
-            if len(set(classes)) != len(classes):
-                raise FlowSpecError(f"task '{path}': class names repeat in {list(classes)}")
-        elif "classes" in spec:
-            raise FlowSpecError(f"task '{path}': 'classes' is only for multiclass and multilabel tasks")
-        scale = None
-        if kind == "bounded_regression":
-            try:
-                scale = float(spec["scale"])
-            except (KeyError, TypeError, ValueError):
-                raise FlowSpecError(
-                    f"task '{path}': a bounded_regression task needs a positive number 'scale' "
-                    f"(targets lie in [0, scale]), got {spec.get('scale')!r}"
-                ) from None
-            if not scale > 0:
-                raise FlowSpecError(f"task '{path}': 'scale' must be > 0, got {scale}")
-        elif "scale" in spec:
-            raise FlowSpecError(f"task '{path}': 'scale' is only for bounded_regression tasks")
-        regression_loss = None
-        if kind == "regression":
-            regression_loss = spec.get("loss", "mse")
-            if regression_loss not in REGRESSION_LOSSES:
-                raise FlowSpecError(
-                    f"task '{path}': loss {regression_loss!r} is not one of {', '.join(REGRESSION_LOSSES)}"
-                )
-        elif "loss" in spec:
-            raise FlowSpecError(f"task '{path}': 'loss' is only for regression tasks")
-        try:
-            weight = float(spec.get("weight", 1.0))
-        except (TypeError, ValueError):
-            raise FlowSpecError(
-                f"task '{path}': weight must be a number, got {spec.get('weight')!r}"
-            ) from None
-        if not weight >= 0:
-            raise FlowSpecError(f"task '{path}': weight must be >= 0, got {weight}")
-        given = spec.get("given")
-        if given is not None and not isinstance(given, str):
-            raise FlowSpecError(f"task '{path}': 'given' must be an expression string, got {given!r}")
-        return cls(
-            path=path,
-            kind=kind,
-            classes=classes,
-            weight=weight,
-            scale=scale,
-            regression_loss=regression_loss,
-            given=given,
-            groups=tuple(groups),
-        )
-
-    def to_spec(self) -> dict:
-        spec: dict = {"kind": self.kind}
-        if self.classes:
-            spec["classes"] = list(self.classes)
-        if self.scale is not None:
-            spec["scale"] = self.scale
-        if self.regression_loss is not None:
-            spec["loss"] = self.regression_loss
-        spec["weight"] = self.weight
-        if self.given is not None:
-            spec["given"] = self.given
-        return spec
-
-    @property
-    def name(self) -> str:
-        return self.path.rsplit(".", 1)[-1]
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self.classes) if self.kind in ("multiclass", "multilabel") else 1
-
-    @property
-    def has_threshold(self) -> bool:
-        return self.kind in ("binary", "multilabel")
-
-    def default_threshold(self) -> float | list[float] | None:
-        if self.kind == "binary":
-            return 0.5
-        if self.kind == "multilabel":
-            return [0.5] * len(self.classes)
-        return None
+class Task(TaskSpec):
+    """One leaf of a flow (its spec: `headstart.serve.flowspec.TaskSpec`) with its torch loss and decoding."""
 
     def flat(self, logits: torch.Tensor) -> torch.Tensor:
         """Scalar kinds: `[N, 1]` logits as `[N]`."""

@@ -23,15 +23,16 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
 from headstart.core.model import HeadstartModel
+from headstart.core.runners import TorchRunner
 from headstart.core.structure import pruned_structure
 from headstart.errors import ConfigError, DivergedError
 from headstart.evaluate.loading import LoadedModel, model_datamodule, open_image_checkpoint, run_checkpoint
 from headstart.prune.engine import count_macs_params, make_pruner, prune_step
 from headstart.prune.importance import IMPORTANCES, needs_gradients
 from headstart.runs import write_json
-from headstart.serve.bundle import describe_image_model, write_bundle
 from headstart.serve.plain import plain
-from headstart.serve.runtime import OnnxRunner, TorchRunner, default_threads
+from headstart.serve.runtime import OnnxRunner, default_threads
+from headstart.ship.bundle import describe_image_model, write_bundle
 from headstart.ship.export import check_parity, export_onnx
 from headstart.ship.shipping import golden_images, table_paths
 from headstart.speed import measure_speed, torch_threads

@@ -5,6 +5,10 @@ tasks and classes, flow conditions, thresholds, the resolved config and its hash
 hash), `golden.safetensors` (inputs and the PyTorch outputs on them) and `SHA256SUMS` (sha256sum format). A head update
 holds `head.onnx` (features -> logits) instead, and applies only to a base bundle whose backbone hash it records.
 Nothing in a bundle is code or pickle.
+
+This module reads, fetches and verifies bundles with numpy, onnxruntime and safetensors only; writing them needs the
+model and torch (`headstart.ship.bundle`). Checking a run's model.onnx against its checkpoint is
+`headstart.evaluate.loading`'s, through the same `verify_graph`.
 """
 
 from __future__ import annotations
@@ -13,73 +17,44 @@ import functools
 import hashlib
 import json
 import math
-import platform
 import re
 import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from importlib import metadata as importlib_metadata
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
 
-from headstart.core.model import HeadstartModel
-from headstart.core.transforms import InputTransform
-from headstart.errors import BundleError, ConfigError
-from headstart.flow import FlowSpecError, TaskFlow
+from headstart.errors import BundleError, ConfigError, ExportError, HeadstartError
+from headstart.serve.checksums import SUMS, sha256_file
+from headstart.serve.decode import predict
+from headstart.serve.flowspec import DISCRETE_KINDS, FlowSpec, FlowSpecError
 from headstart.serve.runtime import FEATURES_NAME, INPUT_NAME, HeadRunner, OnnxRunner, logits_name
-from headstart.ship.export import (
-    DEFAULT_ATOL,
-    METADATA_KEY,
-    Wording,
-    check_parity,
-    compare_outputs,
-    export_head_onnx,
-    export_onnx,
-    first_line,
-)
+from headstart.serve.transform import InputTransform
 
 FORMAT = "headstart-bundle"
 VERSION = "1.0"
 DESCRIPTION = "model.json"
-SUMS = "SHA256SUMS"
 GOLDEN = "golden.safetensors"
 FULL_GRAPH = "model.onnx"
 HEAD_GRAPH = "head.onnx"
 KINDS = ("full", "head_update")
 RUNNING_FIELDS = ("kind", "input", "transform", "outputs", "flow", "tasks", "thresholds")
-_PACKAGES = ("headstart", "torch", "torchvision", "timm", "lightning", "onnx", "onnxruntime", "numpy")
+METADATA_KEY = "headstart"  # the key of the description inside an exported graph's metadata
+DEFAULT_ATOL = 1e-4
+
+__all__ = ["OpenBundle", "open_bundle", "sha256_file", "verify_bundle", "verify_graph"]
 
 
-# ---- describing a model ---------------------------------------------------------------------------------------------
+# ---- describing what runs ------------------------------------------------------------------------------------------
 
 
-def config_hash(config: dict | None) -> str | None:
-    """sha256 of the resolved config as canonical JSON: two runs with the same hash ran the same config."""
-    if config is None:
-        return None
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def describe_running(flow: TaskFlow, transform: dict | None, kind: str, feature_dim: int) -> dict[str, Any]:
+def describe_running(flow: FlowSpec, transform: dict | None, kind: str, feature_dim: int) -> dict[str, Any]:
     """The part of model.json that feeds, runs and decodes the graph (RUNNING_FIELDS): what must agree wherever a
     description of the same model is found (model.json, the graph's own metadata, the checkpoint it came from)."""
     full = kind == "full"
@@ -104,171 +79,6 @@ def describe_running(flow: TaskFlow, transform: dict | None, kind: str, feature_
         },
         "thresholds": flow.state()["thresholds"],
     }
-
-
-def describe_model(
-    model: HeadstartModel,
-    kind: str,
-    backbone_sha256: str,
-    feature_dim: int,
-    config: dict | None = None,
-    metrics: dict[str, float] | None = None,
-    golden_count: int = 0,
-    atol: float = DEFAULT_ATOL,
-) -> dict[str, Any]:
-    """model.json: everything needed to feed, run and decode the graph, and to trace it back to its run."""
-    transform = model.input_transform.to_dict() if model.input_transform is not None else None
-    backbone = dict(model.hparams.backbone or {})
-    running = describe_running(model.flow, transform, kind, feature_dim)
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "kind": kind,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "name": (config or {}).get("name"),
-        "graph": FULL_GRAPH if kind == "full" else HEAD_GRAPH,
-        **{k: running[k] for k in RUNNING_FIELDS if k != "kind"},
-        "backbone": {
-            "name": backbone.get("name"),
-            "weights": backbone.get("weights"),
-            "weights_sha256": backbone_sha256,
-            "feature_dim": int(feature_dim),
-        },
-        "head": dict(model.hparams.head or {}),
-        "config": config,
-        "config_sha256": config_hash(config),
-        "metrics": {k: v for k, v in (metrics or {}).items() if not k.endswith("/count")},
-        "versions": library_versions(),
-        "golden": {"file": GOLDEN, "count": int(golden_count), "atol": float(atol)},
-    }
-
-
-def describe_image_model(
-    model: HeadstartModel,
-    config: dict | None = None,
-    metrics: dict[str, float] | None = None,
-    golden_count: int = 0,
-    atol: float = DEFAULT_ATOL,
-) -> dict[str, Any]:
-    """model.json of a full (backbone + head) model."""
-    if model.backbone is None:
-        raise BundleError(
-            "a full bundle needs an image model (backbone + head); this one is a head trained on DoF features. "
-            "Write a head update with write_head_update, or bundle checkpoints/image_model.ckpt"
-        )
-    return describe_model(
-        model,
-        "full",
-        model.backbone.weights_sha256(),
-        model.backbone.feature_dim,
-        config,
-        metrics,
-        golden_count=golden_count,
-        atol=atol,
-    )
-
-
-# ---- writing --------------------------------------------------------------------------------------------------------
-
-
-def write_bundle(
-    model: HeadstartModel,
-    out: str | Path,
-    golden: torch.Tensor,
-    config: dict | None = None,
-    metrics: dict[str, float] | None = None,
-    onnx_path: str | Path | None = None,
-    atol: float = DEFAULT_ATOL,
-) -> Path:
-    """Write a full bundle of the image `model` to directory `out` (replaced whole, or not at all).
-
-    `golden` are input images (float[N, 3, crop, crop]) whose PyTorch outputs are stored beside them; the graph must
-    reproduce them within `atol` (ExportError otherwise). `onnx_path`: an export of this model to reuse.
-    """
-    out = Path(out)
-    desc = describe_image_model(model.eval(), config, metrics, golden_count=len(golden), atol=atol)
-    tmp = _fresh_tmp(out)
-    try:
-        graph = tmp / FULL_GRAPH
-        if onnx_path is not None:
-            shutil.copyfile(onnx_path, graph)
-        else:
-            export_onnx(model, graph, metadata=desc)
-        check_parity(graph, model, golden, atol=atol)
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            features = model.backbone(golden.to(device)).float().cpu()
-            logits = model(golden.to(device))
-        tensors = {"input": golden.float().cpu().contiguous(), FEATURES_NAME: features.contiguous()}
-        tensors.update({logits_name(p): v.float().cpu().contiguous() for p, v in logits.items()})
-        save_file(tensors, str(tmp / GOLDEN))
-        _finish(tmp, out, desc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def write_head_update(
-    model: HeadstartModel,
-    out: str | Path,
-    backbone_sha256: str,
-    golden_features: torch.Tensor,
-    config: dict | None = None,
-    metrics: dict[str, float] | None = None,
-    atol: float = DEFAULT_ATOL,
-) -> Path:
-    """Write a head-only update (a few KB) for base bundles whose backbone has weights hash `backbone_sha256`.
-
-    `golden_features` are backbone outputs (float[N, D]), e.g. rows of the DoF set the head was trained on.
-    """
-    out = Path(out)
-    model = model.eval()
-    golden_features = golden_features.detach().float().cpu()
-    feature_dim = int(golden_features.shape[1])
-    desc = describe_model(
-        model, "head_update", backbone_sha256, feature_dim, config, metrics, len(golden_features), atol
-    )
-    tmp = _fresh_tmp(out)
-    try:
-        graph = export_head_onnx(model, tmp / HEAD_GRAPH, feature_dim, metadata=desc)
-        device = next(model.head.parameters()).device
-        with torch.inference_mode():
-            logits = model.head(golden_features.float().to(device))
-        got = HeadRunner(graph, model.flow.leaf_paths, threads=1)(golden_features.float().numpy())
-        expected = {p: v.float().cpu() for p, v in logits.items()}
-        compare_outputs(expected, got, model.flow, atol, what=HEAD_GRAPH)
-        tensors = {FEATURES_NAME: golden_features.float().cpu().contiguous()}
-        tensors.update({logits_name(p): v.contiguous() for p, v in expected.items()})
-        save_file(tensors, str(tmp / GOLDEN))
-        _finish(tmp, out, desc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _fresh_tmp(out: Path) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _finish(tmp: Path, out: Path, desc: dict) -> None:
-    # Not sort_keys: the order of the flow's tasks is its declaration order (columns, reports, explain follow it).
-    (tmp / DESCRIPTION).write_text(json.dumps(desc, indent=2, default=str) + "\n")
-    lines = [f"{sha256_file(p)}  {p.name}" for p in sorted(tmp.iterdir()) if p.is_file()]
-    (tmp / SUMS).write_text("\n".join(lines) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- reading and verifying ------------------------------------------------------------------------------------------
@@ -344,7 +154,7 @@ def verify_bundle(folder: str | Path) -> dict[str, Any]:
     return desc
 
 
-def check_description(desc: Any, where: str, fix: str) -> TaskFlow:
+def check_description(desc: Any, where: str, fix: str) -> FlowSpec:
     """The flow of a model description (model.json, or the one inside an exported graph), thresholds loaded;
     BundleError naming the first field, among those used to feed, run and decode the graph, that is missing, out of
     range or disagrees with the others. `where` starts the message, `fix` ends it."""
@@ -366,7 +176,7 @@ def check_description(desc: Any, where: str, fix: str) -> TaskFlow:
     if desc.get("graph") != graph:
         raise bad(f"field graph: a {kind} model's graph is {graph!r}, not {_short(desc.get('graph'))}")
     try:
-        flow = TaskFlow.from_spec(desc.get("flow"))
+        flow = FlowSpec.from_spec(desc.get("flow"))
     except FlowSpecError as e:
         raise bad(f"field flow: {e}") from None
     thresholds = desc.get("thresholds")
@@ -414,11 +224,89 @@ def check_description(desc: Any, where: str, fix: str) -> TaskFlow:
 
 
 @dataclass(frozen=True)
+class Wording:
+    """How `compare_outputs` words a failure: what ran, what it had to reproduce, what the failure means, the fix.
+
+    The default is export's: a fresh ONNX file against the PyTorch model it came from. At load, a bundle's graph is
+    compared with the golden outputs stored beside it, and a run's model.onnx with the run's checkpoint."""
+
+    subject: str  # "model.onnx (ONNX Runtime)", "bundle b: its graph model.onnx"
+    reference: str = "PyTorch"  # "PyTorch", "its golden outputs", "checkpoints/best.ckpt"
+    verdict: str = "the file was not kept"  # what happened to the file / what the failure means
+    fix: str | None = None  # None: export's advice
+    error: type[HeadstartError] = ExportError
+
+
+def compare_outputs(
+    expected: Mapping[str, Any],
+    got: Mapping[str, Any],
+    flow: FlowSpec,
+    atol: float,
+    what: str | Wording,
+) -> dict[str, float]:
+    """Largest |difference| per task between two sets of logits (numpy arrays, or CPU tensors: anything np.asarray
+    takes); an error beyond `atol` or on any changed decision (a class, a thresholded yes/no, whether a task applies).
+    `what`: the export's subject, or the full Wording."""
+    words = what if isinstance(what, Wording) else Wording(subject=what)
+    expected = {p: np.asarray(v, dtype=np.float32) for p, v in expected.items()}
+    got = {p: np.asarray(got[p], dtype=np.float32) for p in expected}
+    worst: dict[str, float] = {}
+    for p, e in expected.items():
+        g = got[p]
+        if g.shape != e.shape:
+            raise words.error(
+                f"{words.subject} does not reproduce {words.reference}: task '{p}' gives logits of shape "
+                f"{tuple(g.shape)} instead of {tuple(e.shape)}; {words.verdict}. {words.fix or ''}".rstrip()
+            )
+        worst[p] = float(np.abs(g - e).max()) if e.size else 0.0
+    bad = {p: d for p, d in worst.items() if not d <= atol}
+    if bad:
+        p, d = max(bad.items(), key=lambda kv: kv[1])
+        scale = float(np.abs(expected[p]).max())
+        rounding = d <= 1e-5 * scale  # NaN anywhere is not rounding
+        if rounding:
+            hint = (
+                f"The logits are of magnitude {scale:.3g}, so this is float32 rounding ({d / scale:.1e} relative), "
+                "not a broken graph: such logits come from random or diverging weights. "
+            )
+            hint += words.fix or "Train the model, or allow it with export.atol=..."
+        else:
+            hint = (
+                words.fix
+                or "The export is wrong. Report it with the backbone name, or set export.onnx=false."
+            )
+        verb = "disagrees with" if words.reference == "PyTorch" else "does not reproduce"
+        raise words.error(
+            f"{words.subject} {verb} {words.reference}: task '{p}' logits differ by up to {d:.3g} (allowed "
+            f"{atol:g}); {words.verdict}. {hint}"
+        )
+    a, b = predict(flow, expected), predict(flow, got)
+    for p in expected:
+        same_applicable = np.array_equal(a[p]["applicable"], b[p]["applicable"])
+        va, vb = a[p]["value"], b[p]["value"]
+        same_value = np.array_equal(np.isnan(va), np.isnan(vb))
+        if flow.tasks[p].kind in DISCRETE_KINDS:  # regression values are compared through their logits above
+            same_value = same_value and np.array_equal(np.nan_to_num(va), np.nan_to_num(vb))
+        if not (same_applicable and same_value):
+            raise words.error(
+                f"{words.subject} decides differently from {words.reference} for task '{p}' although the logits "
+                f"are within {atol:g}: a decision flips at its threshold; {words.verdict}. {words.fix or ''}".rstrip()
+            )
+    return worst
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run on for pages), or its type's name."""
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+@dataclass(frozen=True)
 class Reference:
     """What a graph must reproduce before it runs: inputs, the logits expected on them, how to word a failure."""
 
     inputs: np.ndarray
-    logits: dict[str, torch.Tensor]
+    logits: dict[str, np.ndarray]
     words: Wording
 
 
@@ -507,6 +395,8 @@ def verify_graph(
 
 def golden_reference(folder: Path, desc: dict[str, Any], source: str) -> Reference:
     """The golden inputs and outputs stored in a bundle, which its graph must reproduce on load."""
+    from safetensors.numpy import load_file
+
     where = f"bundle {source}: {GOLDEN}"
     try:
         golden = load_file(str(folder / GOLDEN))
@@ -519,7 +409,7 @@ def golden_reference(folder: Path, desc: dict[str, Any], source: str) -> Referen
         raise BundleError(f"{where} lacks {', '.join(missing)}. {BUNDLE_FIX}")
     x, count = golden[name], desc["golden"]["count"]
     shape = (count, *desc["input"]["shape"][1:])
-    if count < 1 or x.dtype != torch.float32 or tuple(x.shape) != shape:
+    if count < 1 or x.dtype != np.float32 or tuple(x.shape) != shape:
         raise BundleError(
             f"{where}: {name!r} is {x.dtype} {tuple(x.shape)}, but model.json says {count} golden input(s) of shape "
             f"{shape[1:]} (float32). {BUNDLE_FIX}"
@@ -531,7 +421,7 @@ def golden_reference(folder: Path, desc: dict[str, Any], source: str) -> Referen
         fix="Refusing it. Re-export it from its run (train.py writes <run dir>/bundle) or download it again",
         error=BundleError,
     )
-    return Reference(x.numpy(), {p: golden[logits_name(p)] for p in desc["tasks"]}, words)
+    return Reference(x, {p: golden[logits_name(p)] for p in desc["tasks"]}, words)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Predictor: load a bundle (a folder or an http(s) URL) and predict on images with ONNX Runtime.
 
+Needs only numpy, pillow, onnxruntime and safetensors: no torch, Lightning or Hydra.
+
     from headstart import Predictor
     p = Predictor.load("outputs/dog_cat/2026-11-23_10-00-00/bundle")
     p.predict("cat.jpg")        # {"label": {"applicable": True, "value": "cat", "score": 0.97}}
@@ -11,21 +13,19 @@ A head update (a head-only bundle) is applied on top of a base bundle with the s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from headstart.core.transforms import InputTransform, eval_transform
-from headstart.data.images import load_rgb
 from headstart.errors import BundleError, DataError
-from headstart.flow import Task, TaskFlow
 from headstart.serve.bundle import open_bundle
+from headstart.serve.decode import decode, explain
+from headstart.serve.flowspec import FlowSpec, TaskSpec
 from headstart.serve.runtime import FEATURES_NAME, HeadRunner, OnnxRunner
+from headstart.serve.transform import InputTransform, load_rgb, preprocess
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -41,10 +41,9 @@ class Predictor:
         source: str | None = None,
     ) -> None:
         self.description = description
-        self.flow = TaskFlow.from_spec(description["flow"])
+        self.flow = FlowSpec.from_spec(description["flow"])
         self.flow.load_state({"thresholds": description.get("thresholds") or {}})
         self.transform = InputTransform.from_dict(description["transform"])
-        self._preprocess = eval_transform(self.transform)
         self.runner = runner
         self.head = head
         self.source = source
@@ -108,11 +107,13 @@ class Predictor:
 
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
         """float32[N, 3, crop, crop]: each image decoded to RGB, resized, center-cropped and normalized."""
-        return torch.stack([self._preprocess(to_pil(x)) for x in images]).numpy()
+        side = self.transform.crop
+        out = np.empty((len(images), 3, side, side), dtype=np.float32)
+        for i, x in enumerate(images):
+            out[i] = preprocess(to_pil(x), self.transform)
+        return out
 
-    def logits(
-        self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 32
-    ) -> dict[str, torch.Tensor]:
+    def logits(self, images: Sequence[ImageLike] | np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
         """{task: logits} for images (or an already preprocessed float32[N, 3, H, W] array); no images give logits
         with 0 rows."""
         if isinstance(images, np.ndarray) and images.ndim == 4:
@@ -120,9 +121,9 @@ class Predictor:
         else:
             batches = [self.preprocess(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         if not batches:
-            return {p: torch.zeros(_logit_shape(t, 0)) for p, t in self.flow.tasks.items()}
+            return {p: np.zeros(_logit_shape(t, 0), dtype=np.float32) for p, t in self.flow.tasks.items()}
         parts = [self._run(b) for b in batches]
-        return {t: torch.cat([p[t] for p in parts]) for t in self.tasks}
+        return {t: np.concatenate([p[t] for p in parts]) for t in self.tasks}
 
     runtime = "onnxruntime"
 
@@ -130,13 +131,11 @@ class Predictor:
     def threads(self) -> int:
         return self.runner.threads
 
-    def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """{task: logits} for a preprocessed batch (the Runner interface evaluate.py uses)."""
-        if isinstance(images, torch.Tensor):
-            images = images.detach().cpu().numpy()
-        return self._run(images)
+    def __call__(self, images: Any) -> dict[str, np.ndarray]:
+        """{task: logits} for a preprocessed float32 batch (numpy; evaluate.py wraps it to take and give torch)."""
+        return self._run(np.asarray(images, dtype=np.float32))
 
-    def _run(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self.head is None:
             return self.runner(batch)
         features = self.runner.run(batch)[FEATURES_NAME]
@@ -158,7 +157,7 @@ class Predictor:
         single = not isinstance(x, list | tuple)
         images = [x] if single else list(x)
         logits = self.logits(images)
-        texts = [self.flow.explain(logits, i) for i in range(len(images))]
+        texts = [explain(self.flow, logits, i) for i in range(len(images))]
         return texts[0] if single else texts
 
     def __repr__(self) -> str:
@@ -191,38 +190,6 @@ def to_pil(x: ImageLike) -> Image.Image:
     raise DataError(f"cannot predict on a {type(x).__name__}: pass a path, a PIL image or a numpy array")
 
 
-def decode(flow: TaskFlow, logits: dict[str, torch.Tensor]) -> list[dict[str, dict[str, Any]]]:
-    """One dict per sample: {task: {"applicable": bool, "value": decoded or None, "score": probability or None}}."""
-    n = len(next(iter(logits.values())))
-    if n == 0:
-        return []
-    predicted = flow.predict(logits)
-    rows: list[dict[str, dict[str, Any]]] = [{} for _ in range(n)]
-    for path, task in flow.tasks.items():
-        probs = task.probabilities(logits[path])
-        applicable = predicted[path]["applicable"].tolist()
-        values = predicted[path]["value"]
-        for i in range(n):
-            if not applicable[i]:
-                rows[i][path] = {"applicable": False, "value": None, "score": None}
-                continue
-            v = values[i]
-            if task.kind == "binary":
-                value: Any = bool(v)
-                score: Any = float(probs[i])
-            elif task.kind == "multiclass":
-                value = task.classes[int(v)]
-                score = float(probs[i, int(v)])
-            elif task.kind == "multilabel":
-                value = [c for c, on in zip(task.classes, v.tolist(), strict=True) if on]
-                score = [float(p) for p in probs[i]]
-            else:
-                value = float(v)
-                score = None if probs is None or math.isnan(value) else float(probs[i])
-            rows[i][path] = {"applicable": True, "value": value, "score": score}
-    return rows
-
-
-def _logit_shape(task: Task, rows: int) -> tuple[int, ...]:
+def _logit_shape(task: TaskSpec, rows: int) -> tuple[int, ...]:
     """The shape of a task's logits for `rows` images: one logit per image, or one per class."""
     return (rows,) if task.num_outputs == 1 else (rows, task.num_outputs)

@@ -1,14 +1,15 @@
-"""ONNX Runtime sessions and the runners that turn a batch of images into {task: logits} for any model format."""
+"""ONNX Runtime sessions and the runners that turn a float32 batch into {task: logits}, with numpy only.
+
+The PyTorch runner (and the adapter that gives torch tensors to training and evaluation) is
+`headstart.core.runners`."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import numpy as np
-import torch
 
 INPUT_NAME = "images"
 FEATURES_NAME = "features"
@@ -45,15 +46,6 @@ def ort_session(path: str | Path, threads: int | None = None, device: str = "cpu
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
-class Runner(Protocol):
-    """Anything that maps a float batch [B, 3, H, W] to {task path: logits} (torch tensors on the CPU)."""
-
-    runtime: str
-    threads: int
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-
 class OnnxRunner:
     """Runs an exported headstart model (outputs `features` and `logits/<task>`) with ONNX Runtime."""
 
@@ -71,11 +63,10 @@ class OnnxRunner:
         values = self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
         return dict(zip(self._outputs, values, strict=True))
 
-    def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        if isinstance(images, torch.Tensor):
-            images = images.detach().cpu().numpy()
-        out = self.run(images)
-        return {t: torch.from_numpy(out[logits_name(t)]) for t in self.tasks}
+    def __call__(self, images: Any) -> dict[str, np.ndarray]:
+        """{task path: logits} for a float32 batch [B, 3, H, W] (a numpy array, or anything np.asarray takes)."""
+        out = self.run(np.asarray(images))
+        return {t: out[logits_name(t)] for t in self.tasks}
 
 
 class HeadRunner:
@@ -88,25 +79,8 @@ class HeadRunner:
         self.session = ort_session(path, self.threads)
         self.tasks = list(tasks)
 
-    def __call__(self, features: np.ndarray) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Any) -> dict[str, np.ndarray]:
+        """{task path: logits} for float32 features [B, D]."""
         names = [logits_name(t) for t in self.tasks]
         values = self.session.run(names, {FEATURES_NAME: np.ascontiguousarray(features, dtype=np.float32)})
-        return {t: torch.from_numpy(v) for t, v in zip(self.tasks, values, strict=True)}
-
-
-class TorchRunner:
-    """Runs a HeadstartModel in PyTorch eager mode, in eval mode and without gradients."""
-
-    runtime = "pytorch"
-
-    def __init__(self, model: torch.nn.Module, threads: int | None = None, device: str = "cpu") -> None:
-        self.model = model.eval().to(device)
-        self.device = torch.device(device)
-        self.threads = int(threads or torch.get_num_threads())
-
-    def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        if isinstance(images, np.ndarray):
-            images = torch.from_numpy(images)
-        with torch.inference_mode():
-            out: Mapping[str, torch.Tensor] = self.model(images.to(self.device, torch.float32))
-        return {k: v.float().cpu() for k, v in out.items()}
+        return dict(zip(self.tasks, values, strict=True))

@@ -13,7 +13,6 @@ import copy
 import json
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,16 @@ import torch
 from torch import nn
 
 from headstart.core.model import HeadstartModel
-from headstart.errors import ExportError, HeadstartError
+from headstart.errors import ExportError
+from headstart.serve.bundle import DEFAULT_ATOL, METADATA_KEY, Wording, compare_outputs, first_line
 from headstart.serve.runtime import FEATURES_NAME, INPUT_NAME, logits_name, ort_session
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "headstart"
-DEFAULT_ATOL = 1e-4
-DISCRETE_KINDS = ("binary", "multiclass", "multilabel")
+# The description key, the default tolerance, how a failed comparison is worded and the comparison itself are
+# serve's (a bundle's graph is compared with its golden outputs at load, without torch); export uses them too.
+__all__ = ["DEFAULT_ATOL", "METADATA_KEY", "Wording", "check_parity", "compare_outputs", "export_head_onnx"]
+__all__ += ["export_onnx", "first_line", "input_size", "read_metadata"]
 
 
 class _ImageGraph(nn.Module):
@@ -144,77 +145,8 @@ def check_parity(
     with torch.inference_mode():
         expected = {k: v.float().cpu() for k, v in model(images.to(device)).items()}
     got_arrays = session.run(names, {INPUT_NAME: images.detach().cpu().numpy().astype(np.float32)})
-    got = {p: torch.from_numpy(a) for p, a in zip(paths, got_arrays, strict=True)}
+    got = dict(zip(paths, got_arrays, strict=True))
     return compare_outputs(expected, got, model.flow, atol, what=f"{Path(path).name} (ONNX Runtime)")
-
-
-@dataclass(frozen=True)
-class Wording:
-    """How `compare_outputs` words a failure: what ran, what it had to reproduce, what the failure means, the fix.
-
-    The default is export's: a fresh ONNX file against the PyTorch model it came from. At load, a bundle's graph is
-    compared with the golden outputs stored beside it, and a run's model.onnx with the run's checkpoint."""
-
-    subject: str  # "model.onnx (ONNX Runtime)", "bundle b: its graph model.onnx"
-    reference: str = "PyTorch"  # "PyTorch", "its golden outputs", "checkpoints/best.ckpt"
-    verdict: str = "the file was not kept"  # what happened to the file / what the failure means
-    fix: str | None = None  # None: export's advice
-    error: type[HeadstartError] = ExportError
-
-
-def compare_outputs(
-    expected: dict[str, torch.Tensor],
-    got: dict[str, torch.Tensor],
-    flow,
-    atol: float,
-    what: str | Wording,
-) -> dict[str, float]:
-    """Largest |difference| per task between two sets of logits; an error beyond `atol` or on any changed decision
-    (a class, a thresholded yes/no, whether a task applies). `what`: the export's subject, or the full Wording."""
-    words = what if isinstance(what, Wording) else Wording(subject=what)
-    worst: dict[str, float] = {}
-    for p, e in expected.items():
-        g = got[p]
-        if tuple(g.shape) != tuple(e.shape):
-            raise words.error(
-                f"{words.subject} does not reproduce {words.reference}: task '{p}' gives logits of shape "
-                f"{tuple(g.shape)} instead of {tuple(e.shape)}; {words.verdict}. {words.fix or ''}".rstrip()
-            )
-        worst[p] = float((g - e).abs().max()) if e.numel() else 0.0
-    bad = {p: d for p, d in worst.items() if not d <= atol}
-    if bad:
-        p, d = max(bad.items(), key=lambda kv: kv[1])
-        scale = float(expected[p].abs().max())
-        rounding = d <= 1e-5 * scale  # NaN anywhere is not rounding
-        if rounding:
-            hint = (
-                f"The logits are of magnitude {scale:.3g}, so this is float32 rounding ({d / scale:.1e} relative), "
-                "not a broken graph: such logits come from random or diverging weights. "
-            )
-            hint += words.fix or "Train the model, or allow it with export.atol=..."
-        else:
-            hint = (
-                words.fix
-                or "The export is wrong. Report it with the backbone name, or set export.onnx=false."
-            )
-        verb = "disagrees with" if words.reference == "PyTorch" else "does not reproduce"
-        raise words.error(
-            f"{words.subject} {verb} {words.reference}: task '{p}' logits differ by up to {d:.3g} (allowed "
-            f"{atol:g}); {words.verdict}. {hint}"
-        )
-    a, b = flow.predict(expected), flow.predict(got)
-    for p in expected:
-        same_applicable = torch.equal(a[p]["applicable"], b[p]["applicable"])
-        va, vb = a[p]["value"], b[p]["value"]
-        same_value = torch.equal(torch.isnan(va), torch.isnan(vb))
-        if flow.tasks[p].kind in DISCRETE_KINDS:  # regression values are compared through their logits above
-            same_value = same_value and torch.equal(torch.nan_to_num(va), torch.nan_to_num(vb))
-        if not (same_applicable and same_value):
-            raise words.error(
-                f"{words.subject} decides differently from {words.reference} for task '{p}' although the logits "
-                f"are within {atol:g}: a decision flips at its threshold; {words.verdict}. {words.fix or ''}".rstrip()
-            )
-    return worst
 
 
 def _export(module: nn.Module, example: torch.Tensor, input_name: str, outputs: list[str], opset: int | None):
@@ -252,9 +184,3 @@ def _save(program: Any, path: Path, metadata: dict[str, Any] | None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (libraries' messages run on for pages), or its type's name."""
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__

@@ -16,7 +16,7 @@ from headstart.data import load_rgb
 from headstart.data.features import FeatureDataModule
 from headstart.dof import DofSet
 from headstart.runs import recorded_config
-from headstart.serve.bundle import describe_image_model, write_bundle, write_head_update
+from headstart.ship.bundle import describe_image_model, write_bundle, write_head_update
 from headstart.ship.export import check_parity, export_onnx
 
 log = logging.getLogger(__name__)

@@ -28,9 +28,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from headstart.core.model import HeadstartModel
+from headstart.core.runners import TorchRunner
 from headstart.errors import ConfigError
 from headstart.runs import write_json
-from headstart.serve.runtime import OnnxRunner, TorchRunner, default_threads
+from headstart.serve.runtime import OnnxRunner, default_threads
 from headstart.speed import machine_info, percentile, time_calls, torch_threads
 
 log = logging.getLogger(__name__)
