@@ -435,7 +435,7 @@ def test_explain_prints_the_applicable_decisions_as_a_tree():
 
 def test_head_gives_targets_shapes_per_kind():
     flow = _security()
-    head = flow.head(8, hidden=[4])
+    head = FlowHead(8, flow, hidden=[4])
     assert isinstance(head, FlowHead)
     out = head(torch.randn(5, 8))
     assert out["camera_blocked"].shape == (5,)

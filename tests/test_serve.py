@@ -108,7 +108,7 @@ def test_serve_decoding_matches_the_flow_for_every_task_kind(seed):
     logits = _random_logits(flow, 64, seed)
     arrays = {p: v.numpy() for p, v in logits.items()}
     expected = flow.predict(logits)
-    got = serve_decode.predict(flow, arrays)
+    got = serve_decode.predictions(flow, arrays)
     assert {t.kind for t in flow.tasks.values()} == {
         "binary",
         "multiclass",

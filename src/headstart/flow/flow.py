@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from headstart.flow.tasks import NonFiniteError, Task, decision_scores
+from headstart.serve import decode
 from headstart.serve.flowspec import FlowSpec, Group, plain_threshold
-
-if TYPE_CHECKING:
-    from headstart.flow.head import FlowHead
 
 __all__ = ["Group", "TaskFlow", "best_f1_threshold"]
 
@@ -31,12 +28,6 @@ class TaskFlow(FlowSpec):
     @classmethod
     def classification(cls, classes: list[str]) -> TaskFlow:
         return cls([Task.from_spec("label", {"kind": "multiclass", "classes": list(classes)})])
-
-    def head(self, in_features: int, hidden: list[int] | None = None, dropout: float = 0.0) -> FlowHead:
-        """An nn.Module mapping features `float[N, D]` to {path: logits}."""
-        from headstart.flow.head import FlowHead
-
-        return FlowHead(in_features, self, hidden=hidden, dropout=dropout)
 
     def _truth(self, targets: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
         present = {p: t.present(targets[p]) for p, t in self.tasks.items()}
@@ -141,16 +132,12 @@ class TaskFlow(FlowSpec):
         return out
 
     def explain(self, logits: Mapping[str, torch.Tensor], i: int) -> str:
-        """A text tree of sample i's decisions (see `headstart.flow.explain`)."""
-        from headstart.flow.explain import explain
-
-        return explain(self, logits, i)
+        """A text tree of sample i's decisions (`headstart.serve.decode.explain`, on these logits as numpy)."""
+        return decode.explain(self, {p: v.detach().float().cpu().numpy() for p, v in logits.items()}, i)
 
     def tree(self) -> str:
-        """The tasks as a text tree of who asks what given what (see `headstart.flow.explain.tree`)."""
-        from headstart.flow.explain import tree
-
-        return tree(self)
+        """The tasks as a text tree of who asks what given what (`headstart.serve.decode.tree`)."""
+        return decode.tree(self)
 
     # ---- thresholds ---------------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from headstart.flow.flow import TaskFlow
+from headstart.flow.tasks import module_key
 
 
 class FlowHead(nn.Module):
@@ -25,7 +26,7 @@ class FlowHead(nn.Module):
         self.trunk = nn.Sequential(*layers)
         # ModuleDict keys cannot contain dots; task paths can.
         self.outputs = nn.ModuleDict(
-            {_key(p): nn.Linear(width, t.num_outputs) for p, t in flow.tasks.items()}
+            {module_key(p): nn.Linear(width, t.num_outputs) for p, t in flow.tasks.items()}
         )
         self.paths = flow.leaf_paths
         # Binary and regression kinds give float[B], not float[B, 1] (the targets' shape).
@@ -35,9 +36,5 @@ class FlowHead(nn.Module):
         if features.dim() == 4:
             features = features.mean(dim=(2, 3))
         z = self.trunk(features)
-        out = {p: self.outputs[_key(p)](z) for p in self.paths}
+        out = {p: self.outputs[module_key(p)](z) for p in self.paths}
         return {p: v.squeeze(-1) if p in self.scalar else v for p, v in out.items()}
-
-
-def _key(path: str) -> str:
-    return path.replace(".", "__")

@@ -49,8 +49,7 @@ from torchmetrics.classification import (
 )
 
 from headstart.flow.flow import TaskFlow
-from headstart.flow.head import _key
-from headstart.flow.tasks import Task
+from headstart.flow.tasks import Task, module_key
 
 
 def _scores(task: Task) -> MetricCollection:
@@ -104,7 +103,7 @@ class FlowMetrics(nn.Module):
         self.loss_sums = nn.ModuleDict()
         self.loss_denominators = nn.ModuleDict()
         for path, task in flow.tasks.items():
-            k = _key(path)
+            k = module_key(path)
             self.scores[k] = _scores(task)
             for sums in self._sums():
                 sums[k] = _sum()
@@ -182,7 +181,7 @@ class FlowMetrics(nn.Module):
         known = self.flow.known_applicability(targets)
         predicted = self.flow.predicted_applicability(logits)
         for path, task in self.flow.tasks.items():
-            k, mask, target = _key(path), masks[path], targets[path]
+            k, mask, target = module_key(path), masks[path], targets[path]
             value = task.decode(logits[path], self.flow.thresholds.get(path))
             self.counts[k].update(mask.sum())
             nan = torch.isnan(logits[path])
@@ -217,8 +216,8 @@ class FlowMetrics(nn.Module):
     def _flush(self) -> None:
         self._flush_rows()
         for path, (weighted, amount) in self._loss_pending.items():
-            self.loss_sums[_key(path)].update(weighted)
-            self.loss_denominators[_key(path)].update(amount)
+            self.loss_sums[module_key(path)].update(weighted)
+            self.loss_denominators[module_key(path)].update(amount)
         if self._extra_pending is not None:
             self.extra_sum.update(self._extra_pending)
         if self._rows_pending:
@@ -231,7 +230,7 @@ class FlowMetrics(nn.Module):
         out: dict[str, torch.Tensor] = {}
         task_losses: dict[str, torch.Tensor] = {}
         for path, task in self.flow.tasks.items():
-            k = _key(path)
+            k = module_key(path)
             # Every rank computes every sum, in the same order: each compute is a collective under DDP.
             count, nan_rows = _total(self.counts[k]), _total(self.nan_rows[k])
             loss_sum, amount = _total(self.loss_sums[k]), _total(self.loss_denominators[k])
@@ -286,7 +285,7 @@ class FlowMetrics(nn.Module):
     def confusion(self, path: str) -> torch.Tensor | None:
         """long[C, C] (rows: truth, columns: prediction) for a multiclass task that saw rows, else None."""
         self._flush()
-        k = _key(path)
+        k = module_key(path)
         if k not in self.confusions or _total(self.counts[k]) <= 0:
             return None
         return self.confusions[k].compute()

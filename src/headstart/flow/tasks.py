@@ -173,3 +173,8 @@ def decision_scores(logits: torch.Tensor) -> torch.Tensor:
     if z.device.type == "mps":
         return torch.sigmoid(z.cpu().double()).float().to(z.device)
     return torch.sigmoid(z.double()).float()
+
+
+def module_key(path: str) -> str:
+    """A task path as a module name (module names may not hold dots): `person.shirt` -> `person__shirt`."""
+    return path.replace(".", "__")

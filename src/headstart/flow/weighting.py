@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from headstart.flow.tasks import module_key
+
 
 class UncertaintyWeighting(nn.Module):
     """total = sum over tasks that apply in the batch of `exp(-s_t) * w_t * L_t + s_t`.
@@ -20,10 +22,10 @@ class UncertaintyWeighting(nn.Module):
     def __init__(self, paths: Iterable[str]) -> None:
         super().__init__()
         self.paths = list(paths)
-        self.log_vars = nn.ParameterDict({_key(p): nn.Parameter(torch.zeros(())) for p in self.paths})
+        self.log_vars = nn.ParameterDict({module_key(p): nn.Parameter(torch.zeros(())) for p in self.paths})
 
     def log_var(self, path: str) -> nn.Parameter:
-        return self.log_vars[_key(path)]
+        return self.log_vars[module_key(path)]
 
     def forward(
         self,
@@ -46,7 +48,3 @@ class UncertaintyWeighting(nn.Module):
     def weights(self) -> dict[str, float]:
         """The current effective weights exp(-s_t), for logging."""
         return {p: float(torch.exp(-self.log_var(p).detach())) for p in self.paths}
-
-
-def _key(path: str) -> str:
-    return path.replace(".", "__")

@@ -32,7 +32,7 @@ import numpy as np
 
 from headstart.errors import BundleError, ConfigError, ExportError, HeadstartError
 from headstart.serve.checksums import SUMS, sha256_file
-from headstart.serve.decode import predict
+from headstart.serve.decode import predictions
 from headstart.serve.flowspec import DISCRETE_KINDS, FlowSpec, FlowSpecError
 from headstart.serve.runtime import FEATURES_NAME, INPUT_NAME, HeadRunner, OnnxRunner, logits_name
 from headstart.serve.transform import InputTransform
@@ -280,7 +280,7 @@ def compare_outputs(
             f"{words.subject} {verb} {words.reference}: task '{p}' logits differ by up to {d:.3g} (allowed "
             f"{atol:g}); {words.verdict}. {hint}"
         )
-    a, b = predict(flow, expected), predict(flow, got)
+    a, b = predictions(flow, expected), predictions(flow, got)
     for p in expected:
         same_applicable = np.array_equal(a[p]["applicable"], b[p]["applicable"])
         va, vb = a[p]["value"], b[p]["value"]

@@ -68,7 +68,7 @@ def decide(task: TaskSpec, logits: Any, threshold: float | list[float] | None = 
     return z
 
 
-def predict(flow: FlowSpec, logits: Logits) -> dict[str, dict[str, np.ndarray]]:
+def predictions(flow: FlowSpec, logits: Logits) -> dict[str, dict[str, np.ndarray]]:
     """{path: {"applicable": bool[N], "value": float32}}, conditions taken from thresholded predictions: the numpy
     twin of `TaskFlow.predict` (values in the targets' encoding, NaN where the task does not apply)."""
     decided = {p: decide(t, logits[p], flow.thresholds.get(p)) for p, t in flow.tasks.items()}
@@ -94,7 +94,7 @@ def decode(flow: FlowSpec, logits: Logits) -> list[dict[str, dict[str, Any]]]:
     n = len(next(iter(logits.values())))
     if n == 0:
         return []
-    predicted = predict(flow, logits)
+    predicted = predictions(flow, logits)
     rows: list[dict[str, dict[str, Any]]] = [{} for _ in range(n)]
     for path, task in flow.tasks.items():
         probs = probabilities(task, logits[path])
@@ -132,7 +132,7 @@ def explain(flow: FlowSpec, logits: Logits, i: int) -> str:
           door_open: yes (p=0.731, logit=1.000)
     """
     row = {p: flat(flow.tasks[p], v)[i : i + 1] for p, v in logits.items()}
-    predicted = predict(flow, row)
+    predicted = predictions(flow, row)
     applicable = [p for p in flow.leaf_paths if bool(predicted[p]["applicable"][0])]
     return indented(
         flow,

@@ -98,15 +98,15 @@ def names(cond: Condition) -> list[str]:
     return out
 
 
-def evaluate(cond: Condition, ref: Callable[[str], tuple[M, M]]) -> tuple[M, M]:
+def truth(cond: Condition, ref: Callable[[str], tuple[M, M]]) -> tuple[M, M]:
     """(true, false) bool masks of a condition; `ref(path)` gives them for one task. Neither mask = unknown."""
     if isinstance(cond, Ref):
         return ref(cond.path)
     if isinstance(cond, Not):
-        true, false = evaluate(cond.operand, ref)
+        true, false = truth(cond.operand, ref)
         return false, true
-    lt, lf = evaluate(cond.left, ref)
-    rt, rf = evaluate(cond.right, ref)
+    lt, lf = truth(cond.left, ref)
+    rt, rf = truth(cond.right, ref)
     return lt & rt, lf | rf
 
 
@@ -419,7 +419,7 @@ class FlowSpec:
         for path in self.order:
             h = present[path] | ~present[path]  # all true, of the mask type and device given
             for clause in self._clauses[path]:
-                h = h & evaluate(clause.cond, ref)[0]
+                h = h & truth(clause.cond, ref)[0]
             result[path] = h
         return result
 
