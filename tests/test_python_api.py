@@ -3,6 +3,8 @@ cannot be imported (the API below the stages takes plain arguments)."""
 
 from __future__ import annotations
 
+import ast
+import math
 import re
 import subprocess
 import sys
@@ -41,9 +43,16 @@ def test_every_block_runs_without_hydra(tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    # the blocks print what they computed: a feature batch, a finite loss, a reused=False set, a pruned model
-    assert lines[0].startswith("torch.Size([2, 128])")
-    assert "reused" not in done.stderr
-    shapes = next(line for line in lines if line.startswith("{'val/loss'") or "val/label/acc" in line)
-    assert "val/label/acc" in shapes
-    assert any(line.endswith("False {'train': 19, 'val': 2, 'test': 3} (128,)") for line in lines), lines
+    assert lines[0] == "torch.Size([2, 128]) 32 True"  # features, the transform's resize, the registry
+    # a set extracted (not reused) with the folder's 24 images dealt 20/2/2, 128 features each, verified
+    assert re.search(r"^[0-9a-f]{16} False \{'test': 2, 'train': 20, 'val': 2\} \(128,\)$", done.stdout, re.M)
+    metrics = ast.literal_eval(next(line for line in lines if line.startswith("{'val/")))
+    assert metrics["val/label/acc"] == 1.0 and math.isfinite(metrics["val/loss"])  # dark vs light: learned
+    counts = re.search(r"^MACs, parameters: \((\d+), (\d+)\) -> \((\d+), (\d+)\)$", done.stdout, re.M)
+    macs, params, pruned_macs, pruned_params = map(int, counts.groups())
+    assert pruned_macs < macs and pruned_params < params
+    files = ast.literal_eval(next(line for line in lines if line.startswith("files: "))[7:])
+    answers = ast.literal_eval(next(line for line in lines if line.startswith("answers: "))[9:])
+    assert {"SHA256SUMS", "model.json", "model.onnx"} <= set(files)
+    assert set(answers) <= {"dark", "light"} and len(answers) == 3
+    assert lines[-1].startswith("label: ")  # the explanation of one photo
