@@ -120,3 +120,26 @@ def test_every_package_says_its_job_and_the_top_level_stays_short() -> None:
             assert ast.get_docstring(ast.parse(path.read_text())), f"{name} has no docstring"
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= 8, top
+
+
+def test_module_paths_recorded_before_the_layers_still_resolve() -> None:
+    """Runs made before the layers recorded `_target_`s under the old flat module names; Hydra still finds them."""
+    import importlib
+
+    from hydra.utils import get_object
+
+    import headstart
+
+    old_targets = {
+        "headstart.callbacks.DivergenceGuard": "headstart.train.callbacks",
+        "headstart.callbacks.ConfusionMatrixLogger": "headstart.train.callbacks",
+        "headstart.finetune.Full": "headstart.train.finetune",
+        "headstart.finetune.LinearProbe": "headstart.train.finetune",
+        "headstart.sweeps.SweepSummary": "headstart.train.sweeps",
+        "headstart.runs.UniqueRunDir": "headstart.runs",
+        "headstart.data.FolderDataModule": "headstart.data.images",
+    }
+    for target, home in old_targets.items():
+        assert get_object(target).__module__ == home, target
+    for old, new in headstart.MOVED_MODULES.items():
+        assert getattr(headstart, old) is importlib.import_module(new)
