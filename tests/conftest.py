@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +90,28 @@ def fake_job(job: Path, tmp_path: Path, overrides: list[str], metrics: dict | No
     OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
     if metrics is not None:
         (job / "metrics.json").write_text(json.dumps(metrics))
+
+
+@dataclass(frozen=True)
+class MainJob:
+    """The main job as a user runs it: its run directory and everything it printed (stdout, then stderr)."""
+
+    run: Path
+    output: str
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory: pytest.TempPathFactory) -> MainJob:
+    """`python train.py` with no arguments (only the output root moved to a temp dir), run once per session and
+    shared by every test that reads what the main job writes or prints."""
+    base = tmp_path_factory.mktemp("main_job")
+    result = run_script(["train.py", f"paths.root_dir={base}"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = sorted(p.parent for p in base.glob("outputs/*/*/.hydra"))
+    return MainJob(run=run, output=result.stdout + result.stderr)
+
+
+@pytest.fixture(scope="session")
+def digits_run(main_job: MainJob) -> Path:
+    """The main job's run directory."""
+    return main_job.run

@@ -85,16 +85,6 @@ def test_config_errors_name_the_key(override, key, tmp_path):
 # --- the main job: python train.py (digits) ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory) -> Path:
-    """`python train.py` with no arguments (only the output root moved to a temp dir), run once for this module."""
-    base = tmp_path_factory.mktemp("main_job")
-    result = run_script(["train.py", f"paths.root_dir={base}"], cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = _run_dirs(base)
-    return run
-
-
 @pytest.mark.slow
 def test_main_job_reaches_95_percent_test_accuracy(digits_run):
     metrics = json.loads((digits_run / "metrics.json").read_text())
