@@ -112,8 +112,10 @@ def test_a_run_records_its_cost_in_metrics_json_cost_json_and_tensorboard(tmp_pa
     scalars, texts = {}, []
     for f in (run / "tensorboard").glob("events.*"):
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0, "tensors": 0}).Reload()
-        scalars.update({t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith("cost/")})
+        scalars.update(
+            {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith("summary/cost/")}
+        )
         texts += [t for t in acc.Tags()["tensors"] if t.startswith("cost")]
-    assert scalars["cost/params"] == metrics["cost/params"]
-    assert scalars["cost/onnx_ms"] == pytest.approx(metrics["cost/onnx_ms"])
+    assert scalars["summary/cost/params"] == metrics["cost/params"]
+    assert scalars["summary/cost/onnx_ms"] == pytest.approx(metrics["cost/onnx_ms"])
     assert texts

@@ -301,8 +301,8 @@ def test_freeze_unfreeze_run_resumes_after_its_unfreeze_epoch(digits, tmp_path):
         assert groups[0]["lr"] > 0
         assert groups[1]["lr"] == pytest.approx(0.1 * groups[0]["lr"], rel=1e-6)
     # the LR monitor logs each group under its name; the backbone's from the unfreeze epoch
-    head = _scalars(Path(first.paths.output_dir), "lr-AdamW/head")
-    backbone = _scalars(Path(first.paths.output_dir), "lr-AdamW/backbone")
+    head = _scalars(Path(first.paths.output_dir), "lr/AdamW/head")
+    backbone = _scalars(Path(first.paths.output_dir), "lr/AdamW/backbone")
     (unfrozen,) = backbone.values()
     assert len(head) == 2
     assert unfrozen == pytest.approx(0.1 * head[max(head)], rel=1e-6)

@@ -104,10 +104,10 @@ def test_run_directory_holds_config_checkpoints_and_tensorboard(digits_run):
         acc = EventAccumulator(str(f), size_guidance={"images": 0, "scalars": 0}).Reload()
         scalars |= set(acc.Tags()["scalars"])
         images |= set(acc.Tags()["images"])
-    assert {"train/loss", "val/loss", "val/label/acc", "val/label/f1", "lr-AdamW"} <= scalars
-    assert {"final/test/label/acc", "test/label/acc"} <= scalars
+    assert {"curves/loss/train", "curves/loss/val", "curves/label/acc/val", "lr/AdamW"} <= scalars
+    assert {"metrics/label/f1/val", "summary/test/label/acc", "summary/val/loss"} <= scalars
     assert {"val/label/confusion", "val/label/predictions", "test/label/confusion"} <= images
-    lr = _scalars(digits_run / "tensorboard", "lr-AdamW")
+    lr = _scalars(digits_run / "tensorboard", "lr/AdamW")
     assert lr[0].value > lr[-1].value  # the cosine schedule ran
     epoch_seconds = _scalars(digits_run / "tensorboard", "time/train_epoch_s")
     assert len(epoch_seconds) == 15 and all(0 < e.value < 60 for e in epoch_seconds)
@@ -320,7 +320,7 @@ def test_overfit_drives_the_loss_down(tmp_path):
     train(cfg)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 39
-    losses = [e.value for e in _scalars(tmp_path / "run" / "tensorboard", "train/loss")]
+    losses = [e.value for e in _scalars(tmp_path / "run" / "tensorboard", "curves/loss/train")]
     assert len(losses) == 40
     assert losses[-1] < 0.25 * losses[0]
 

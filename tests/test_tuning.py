@@ -66,7 +66,7 @@ def test_lr_find_applies_the_suggestion_and_the_checkpoint_records_it(tmp_path, 
     assert "tune/lr_find" in images
     assert scalars["tune/lr_suggested"] == [pytest.approx(suggested)]
     # the optimizer trained with it: Lightning's LearningRateMonitor saw the suggestion, not the configured rate
-    assert scalars["lr-AdamW"][0] == pytest.approx(suggested)
+    assert scalars["lr/AdamW"][0] == pytest.approx(suggested)
     # the range test's own steps are not training: the run trained its four batches from the initial weights
     assert ckpt["global_step"] == 4
 
@@ -109,8 +109,8 @@ def test_a_finetune_schedule_still_gives_the_backbone_its_own_group_after_the_fi
     metrics, _, run = _run(overrides, tmp_path, digits_root)
     scalars, _ = _events(run / "tensorboard")
     lr = metrics["tune/lr_suggested"]
-    assert scalars["lr-AdamW/head"][0] == pytest.approx(lr)
-    assert scalars["lr-AdamW/backbone_stages2-3"][0] == pytest.approx(0.1 * lr)
+    assert scalars["lr/AdamW/head"][0] == pytest.approx(lr)
+    assert scalars["lr/AdamW/backbone_stages2-3"][0] == pytest.approx(0.1 * lr)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -27,6 +28,7 @@ def run_guarded(fn: Callable[[DictConfig], T], cfg: DictConfig, interrupted: str
     """Call a stage function. A HeadstartError ends as its one-line message (no traceback) with status 2; Ctrl-C
     ends as `interrupted` (what is kept and how to go on) with status 130. Either way the run directory keeps no
     result (see `headstart.runs.fail_run_dir`)."""
+    quiet_libraries()
     try:
         return fn(cfg)
     except KeyboardInterrupt:
@@ -36,6 +38,35 @@ def run_guarded(fn: Callable[[DictConfig], T], cfg: DictConfig, interrupted: str
         if e is None:
             raise
         _end(cfg, str(e), 2)
+
+
+class _DropAdverts(logging.Filter):
+    """Drops Lightning's product tips ("💡 Tip: ... try installing litlogger"): not about the user's run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡")
+
+
+def quiet_libraries() -> None:
+    """One line per message, no adverts, no warnings the user cannot act on.
+
+    - The `lightning` package gives itself a console handler ("INFO: ...") on import, besides propagating to the
+      handlers Hydra configured: every Lightning message printed twice. Where logging is configured (root has
+      handlers: Hydra's console and train.log), Lightning's own handler is removed; its messages keep reaching both.
+    - Lightning's logger connector advertises litlogger on every Trainer.
+    - Lightning 2.6 calls torch's deprecated `LeafSpec` on every validate and test (a FutureWarning about
+      Lightning's code, not the user's).
+    """
+    if logging.getLogger().handlers:
+        lightning_log = logging.getLogger("lightning")
+        for handler in list(lightning_log.handlers):
+            lightning_log.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdverts())
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
 
 
 def _end(cfg: DictConfig, message: str, status: int) -> NoReturn:

@@ -47,7 +47,8 @@ def prediction_grid(
     """images float[N,3,H,W] in [0,1]; titles show the prediction, green when right, red when wrong."""
     n = images.shape[0]
     rows = max(1, int(np.ceil(n / columns)))
-    fig = Figure(figsize=(2.2 * columns, 2.4 * rows))
+    # Small panels, large titles: TensorBoard shows a figure scaled down to its card (about 330 px wide).
+    fig = Figure(figsize=(1.7 * columns, 1.95 * rows))
     axes = fig.subplots(rows, columns, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -58,7 +59,7 @@ def prediction_grid(
         ax.set_title(
             f"{predictions[k]}" + ("" if right else f" (true {truths[k]})"),
             color="green" if right else "red",
-            fontsize=9,
+            fontsize=15,
         )
     fig.tight_layout()
     return fig

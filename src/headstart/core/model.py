@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from headstart.core.backbones import Backbone, build_backbone
@@ -225,9 +226,23 @@ class HeadstartModel(L.LightningModule):
             "metrics": {k: float(v) for k, v in values.items()},
             "confusion": {p: metrics.confusion(p) for p in self.flow.leaf_paths},
         }
+        curves = self.trainer.state.fn == TrainerFn.FITTING  # validate/test after fit: no stray curve point
         for k, v in values.items():
-            self.log(f"{stage}/{k}", v.float(), prog_bar=k in ("loss", "label/acc"))
+            self.log(
+                f"{stage}/{k}",
+                v.float(),
+                prog_bar=k in ("loss", "label/acc"),
+                logger=curves and self._charted(k),
+            )
         metrics.reset()
+
+    def _charted(self, name: str) -> bool:
+        """Whether an epoch metric goes to the loggers: not the row counts (constants), not the end-to-end accuracy
+        of a task without a condition (its accuracy again)."""
+        path, _, metric = name.rpartition("/")
+        if metric == "count":
+            return False
+        return metric != "e2e_acc" or self.flow.condition_text(path) is not None
 
     def _epoch_start(self, stage: str) -> None:
         # Each epoch counts only its own rows. ddp_spawn hands the model back and forth between processes, metric

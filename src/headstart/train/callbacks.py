@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 from headstart.core.transforms import denormalize
 from headstart.errors import ConfigError, DivergedError
@@ -28,6 +30,8 @@ class ConfusionMatrixLogger(L.Callback):
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
+        if stage == "val" and trainer.state.fn != TrainerFn.FITTING:
+            return  # re-validating the best checkpoint: its matrix is an epoch already shown
         result = getattr(pl_module, "epoch_results", {}).get(stage)
         if not result:
             return
@@ -60,34 +64,80 @@ def describe_value(task, value: torch.Tensor) -> str:
 
 
 class PredictionGridLogger(L.Callback):
-    """Logs a grid of the first validation images with their predicted and true value of the first task."""
+    """After each validation epoch, a grid of validation images with the predicted and true value of the first task.
 
-    def __init__(self, num_images: int = 16) -> None:
+    The images are drawn once, in the first validation epoch, and kept: a seeded sample spread across the task's
+    true values (round robin over classes), so each epoch's grid shows the same images and every class appears.
+    """
+
+    def __init__(self, num_images: int = 16, seed: int = 0) -> None:
         self.num_images = num_images
-        self._batch: dict | None = None
+        self.seed = seed
+        self._chosen: list[int] | None = None  # dataset indices, in grid order
+        self._pools: dict[
+            str, list[tuple[int, torch.Tensor, torch.Tensor]]
+        ] = {}  # drawing: class -> reservoir
+        self._seen: dict[str, int] = {}
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rng = random.Random(seed)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._kept = {}
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking:
-            self._batch = {
-                "inputs": batch["inputs"][: self.num_images],
-                "targets": {k: v[: self.num_images] for k, v in batch["targets"].items()},
-            }
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        batch, self._batch = self._batch, None
-        transform = getattr(pl_module, "input_transform", None)
-        if batch is None or transform is None or batch["inputs"].dim() != 4 or trainer.fast_dev_run:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if dataloader_idx != 0 or batch is None or batch["inputs"].dim() != 4:
             return
         path = pl_module.flow.leaf_paths[0]
         task = pl_module.flow.tasks[path]
+        truth = batch["targets"][path]
+        classes = len(task.classes) if task.kind == "multiclass" else 2 if task.kind == "binary" else 1
+        keep = max(1, math.ceil(self.num_images / classes))  # per class: memory stays about num_images images
+        for i, index in enumerate(batch["index"].tolist()):
+            if self._chosen is None:
+                key = describe_value(task, truth[i].cpu()) if classes > 1 else ""
+                self._draw(key, keep, index, batch["inputs"][i], truth[i])
+            elif index in self._chosen:
+                self._kept[index] = (batch["inputs"][i].detach().cpu(), truth[i].detach().cpu())
+
+    def _draw(self, key: str, keep: int, index: int, image: torch.Tensor, truth: torch.Tensor) -> None:
+        """Reservoir sampling per true value: every image of a class equally likely, whatever the order."""
+        pool = self._pools.setdefault(key, [])
+        self._seen[key] = seen = self._seen.get(key, 0) + 1
+        row = (index, image.detach().cpu(), truth.detach().cpu())
+        if len(pool) < keep:
+            pool.append(row)
+        else:
+            j = self._rng.randrange(seen)
+            if j < keep:
+                pool[j] = row
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self._chosen is None and self._pools:
+            pools = [sorted(pool, key=lambda r: r[0]) for _, pool in sorted(self._pools.items())]
+            rows = [pool[k] for k in range(self.num_images) for pool in pools if k < len(pool)]
+            rows = rows[: self.num_images]
+            self._chosen = [r[0] for r in rows]
+            self._kept = {r[0]: (r[1], r[2]) for r in rows}
+            self._pools, self._seen = {}, {}
+        transform = getattr(pl_module, "input_transform", None)
+        rows = [self._kept[i] for i in self._chosen or [] if i in self._kept]
+        if not rows or transform is None or trainer.fast_dev_run:
+            return
+        path = pl_module.flow.leaf_paths[0]
+        task = pl_module.flow.tasks[path]
+        inputs = torch.stack([r[0] for r in rows])
         with torch.no_grad():
-            predicted = pl_module.flow.predict(pl_module(batch["inputs"]))[path]["value"].cpu()
-        truth = batch["targets"][path].cpu()
-        truths = [describe_value(task, t) for t in truth]
-        images = denormalize(batch["inputs"].float(), transform)
-        fig = prediction_grid(images, truths, [describe_value(task, v) for v in predicted])
+            predicted = pl_module.flow.predict(pl_module(inputs.to(pl_module.device)))[path]["value"].cpu()
+        truths = [describe_value(task, r[1]) for r in rows]
+        fig = prediction_grid(
+            denormalize(inputs.float(), transform), truths, [describe_value(task, v) for v in predicted]
+        )
         for writer in _tensorboards(trainer):
             writer.add_figure(f"val/{path}/predictions", fig, global_step=trainer.global_step)
 

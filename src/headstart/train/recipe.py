@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
@@ -35,7 +36,8 @@ from headstart.train.extract import dof_for_config, frozen_backbone
 from headstart.train.finetune import build_schedule
 from headstart.train.lr_finder import find_lr
 from headstart.train.reattach import attach_backbone, check_reattached, save_model
-from headstart.train.reports import write_task_tables
+from headstart.train.reports import final_metrics_table, write_task_tables
+from headstart.train.tensorboard import tuned_hyperparameters
 from headstart.train.thresholds import store_flow_in_checkpoint, tune_on_validation
 
 log = logging.getLogger(__name__)
@@ -157,18 +159,14 @@ def train(cfg: DictConfig) -> float | None:
     metrics: dict[str, float] = dict(tuned)
     if cfg.test:
         if cfg.train or ckpt_path:
-            metrics.update(
-                _scalars(
-                    trainer.validate(
-                        model, datamodule=datamodule, ckpt_path=best or ckpt_path, weights_only=True
-                    )
-                )
+            trainer.validate(
+                model, datamodule=datamodule, ckpt_path=best or ckpt_path, weights_only=True, verbose=False
             )
-        metrics.update(
-            _scalars(
-                trainer.test(model, datamodule=datamodule, ckpt_path=best or ckpt_path, weights_only=True)
-            )
+            metrics.update(_stage_metrics(trainer, "val"))
+        trainer.test(
+            model, datamodule=datamodule, ckpt_path=best or ckpt_path, weights_only=True, verbose=False
         )
+        metrics.update(_stage_metrics(trainer, "test"))
     if on_features and trainer.is_global_zero and not trainer.fast_dev_run:
         metrics.update(_dof_benefit(datamodule, timer, loggers))
         _reattach(cfg, datamodule, best, run_dir)
@@ -178,13 +176,15 @@ def train(cfg: DictConfig) -> float | None:
         for stage in ("val", "test"):
             write_task_tables(metrics, stage, kinds, run_dir)
     if trainer.is_global_zero and not trainer.fast_dev_run:
-        _log_final_hparams(loggers, cfg, metrics)
         log.info("best checkpoint: %s", best)
-        log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if not k.endswith("/count")})
+        log.info(
+            "final metrics (metrics.json):\n%s", final_metrics_table(metrics, conditional_tasks(model.flow))
+        )
         if best:
             ship_run(cfg, datamodule, best, run_dir, metrics)
         metrics.update(cost.report(model, run_dir, best, loggers))  # latency of the export; cost.json
         write_json(run_dir / "metrics.json", metrics)
+        _log_final_hparams(loggers, cfg, metrics, model.flow)
     return metrics.get(cfg.monitor.metric)
 
 
@@ -414,30 +414,55 @@ def _best_checkpoint(trainer: L.Trainer) -> str | None:
     return path or None
 
 
-def _scalars(results: list[dict[str, Any]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for r in results:
-        out.update({k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in r.items()})
-    return out
+def conditional_tasks(flow: TaskFlow) -> set[str]:
+    """The tasks that apply only under a condition (their own `given`, or a group's)."""
+    return {path for path in flow.tasks if flow.condition_text(path) is not None}
 
 
-def _log_final_hparams(loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float]) -> None:
-    """TensorBoard's HPARAMS tab: the flattened config with the final metrics."""
-    resolved = plain(cfg)
-    flat = _flatten({k: v for k, v in resolved.items() if k not in ("hydra", "paths")})
-    final = {f"final/{k}": v for k, v in metrics.items() if not k.endswith("/count")}
+def _stage_metrics(trainer: L.Trainer, stage: str) -> dict[str, float]:
+    """What the model logged in the `trainer.validate` or `trainer.test` just run: every `<stage>/...` value, those
+    kept off the loggers' charts (row counts) included, which the call's own return value leaves out."""
+    return {
+        k: float(v.item() if isinstance(v, torch.Tensor) else v)
+        for k, v in trainer.callback_metrics.items()
+        if k.startswith(f"{stage}/")
+    }
+
+
+# The final metrics that become HParams' metric columns (besides the cost): the loss and each task's headline.
+HPARAMS_METRICS = ("loss", "acc", "f1", "mae", "e2e_acc")
+HPARAMS_COST = ("cost/params", "cost/macs", "cost/torch_ms", "cost/onnx_ms")
+
+
+def _log_final_hparams(
+    loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float], flow: TaskFlow
+) -> None:
+    """The run's hyperparameters (those a person tunes, see `tuned_hyperparameters`) with its final metrics and cost:
+    TensorBoard's HParams table and `summary` text; the hyperparameters and final metrics of any other logger."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    params = tuned_hyperparameters(cfg, overrides)
+    if "tune/lr" in metrics:  # tune.lr_find: the learning rate it trained with
+        params["lr"] = metrics["tune/lr"]
+    final = {}
+    for name, value in metrics.items():
+        split, _, rest = name.partition("/")
+        path, _, metric = rest.rpartition("/")
+        if split in ("val", "test") and metric in HPARAMS_METRICS:
+            if metric == "e2e_acc" and path not in conditional_tasks(flow):
+                continue  # a task without a condition: its accuracy again
+            final[f"final/{name}"] = value
+    final.update({k: metrics[k] for k in HPARAMS_COST if k in metrics})
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(flat, metrics=final)
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    elif isinstance(d, list):
-        out[prefix[:-1]] = str(d)
-    else:
-        out[prefix[:-1]] = d
-    return out
+            logger.log_hyperparams(params, metrics=final)
+            table = final_metrics_table(metrics, conditional_tasks(flow))
+            logger.experiment.add_text("summary", table, global_step=0)
+            logger.experiment.flush()
+            log.info(
+                "TensorBoard: tensorboard --logdir %s --samples_per_plugin images=1000 (every epoch's images)",
+                Path(cfg.paths.log_dir),
+            )
+        else:
+            logger.log_hyperparams(params)
+            logger.log_metrics(final, step=0)
+            logger.save()

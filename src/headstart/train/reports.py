@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -40,3 +41,27 @@ def write_task_tables(
         + markdown_table(frame.fillna(""))
     )
     return md
+
+
+def final_metrics_table(
+    metrics: dict[str, float], conditional: set[str] | frozenset[str] = frozenset()
+) -> str:
+    """The final metrics as one markdown table, rounded: a row per metric (the loss first), a column per split (val,
+    test); without row counts, and without the end-to-end accuracy of tasks that have no condition (not in
+    `conditional`: it is their accuracy again). What the console prints once at the end of a run and TensorBoard's
+    `summary` text shows."""
+    rows: dict[str, dict[str, float]] = {"loss": {}}
+    for name, value in metrics.items():
+        split, _, rest = name.partition("/")
+        path, _, metric = rest.rpartition("/")
+        if split not in ("val", "test") or not rest or metric == "count":
+            continue
+        if metric == "e2e_acc" and path not in conditional:
+            continue
+        rows.setdefault(rest, {})[split] = value
+    rows = {name: v for name, v in rows.items() if v}
+    frame = pd.DataFrame(
+        [[name, v.get("val", math.nan), v.get("test", math.nan)] for name, v in rows.items()],
+        columns=["metric", "val", "test"],
+    )
+    return markdown_table(frame)
