@@ -111,7 +111,11 @@ def tuned_hyperparameters(cfg: DictConfig, overrides: list[str] | None = None) -
     known = set(TUNED.values())
     for override in overrides or []:
         key, sep, _ = override.lstrip("+~").partition("=")
-        if not sep or key in known or key.startswith(("hydra.", "paths.", "logger.", "callbacks.", "notify.")):
+        if (
+            not sep
+            or key in known
+            or key.startswith(("hydra.", "paths.", "logger.", "callbacks.", "notify."))
+        ):
             continue
         found, value = _lookup(config, key)
         if found and key not in out:
