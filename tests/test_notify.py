@@ -170,3 +170,19 @@ def test_train_py_notifies_and_writes_no_url_into_its_run(endpoint, tmp_path, mo
     assert "${oc.env:HS_TEST_NOTIFY}" in (run / ".hydra" / "config.yaml").read_text()  # saved unresolved
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and b"TOKEN-" in p.read_bytes()]
     assert not leaked
+
+
+def test_urls_come_from_the_environment_then_the_config(monkeypatch, caplog):
+    monkeypatch.setenv(ENV_VAR, "ntfy://a, json://b")
+    monkeypatch.delenv("HS_UNSET_VAR", raising=False)
+    assert notify.notify_urls(OmegaConf.create({"urls": ["mailto://c"]})) == [
+        "ntfy://a",
+        "json://b",
+        "mailto://c",
+    ]
+    caplog.set_level(logging.WARNING)
+    assert notify.notify_urls(OmegaConf.create({"urls": ["${oc.env:HS_UNSET_VAR}"]})) == [
+        "ntfy://a",
+        "json://b",
+    ]
+    assert "notify.urls cannot be resolved" in caplog.text  # a warning, not a failed run

@@ -336,7 +336,7 @@ class RunNotifier(L.Callback):
         if self.sent or not self.send_failed or not isinstance(error, Exception) or rank_zero_only.rank != 0:
             return
         self.sent = True
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        reason = str(error).strip().splitlines()[0][:500] if str(error).strip() else ""
         named = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
         title, body = run_message(
             self.name, self.run_dir, metrics or {}, self.monitor, self.mode, named, where

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 ENV_VAR = "HEADSTART_NOTIFY_URLS"
 INSTALL = "pip install -e .[notify]  (or: pip install 'headstart[notify]')"
 JOBS = ("none", "failed", "all")  # notify.jobs: which of a sweep's jobs send a message of their own
-MAX_METRICS = 12  # metric lines in a run's message, the monitored metric first
+MAX_METRICS = 12  # test metric lines in a run's message (after the monitored metric)
 
 _warned_missing = False
 
@@ -42,9 +42,15 @@ def notify_urls(section: Mapping | DictConfig | None) -> list[str]:
     """The apprise URLs to send to: those in `HEADSTART_NOTIFY_URLS` (separated by spaces, commas or new lines),
     then those in the section's `urls` (a list, or one string)."""
     urls = [u for u in re.split(r"[\s,]+", os.environ.get(ENV_VAR, "")) if u]
-    configured = (section or {}).get("urls") or []
-    if isinstance(configured, str):
-        configured = [configured]
+    try:
+        configured = (section or {}).get("urls") or []
+        if isinstance(configured, ListConfig):
+            configured = OmegaConf.to_container(configured, resolve=True)
+        if isinstance(configured, str):
+            configured = [configured]
+    except Exception as e:  # ${oc.env:VAR} with VAR unset: no URL from there, and the run goes on
+        log.warning("notify: notify.urls cannot be resolved (%s); it adds no URL", str(e).splitlines()[0])
+        configured = []
     for item in configured:
         urls += [u for u in re.split(r"[\s,]+", str(item or "")) if u]
     return urls

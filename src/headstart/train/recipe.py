@@ -441,8 +441,10 @@ def _scalars(results: list[dict[str, Any]]) -> dict[str, float]:
 
 def _log_final_hparams(loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float]) -> None:
     """TensorBoard's HPARAMS tab: the flattened config with the final metrics."""
-    resolved = plain(cfg)
-    flat = _flatten({k: v for k, v in resolved.items() if k not in ("hydra", "paths", "notify")})
+    kept = {
+        str(k): plain(cfg[k]) for k in cfg if k not in ("hydra", "paths", "notify")
+    }  # notify: never resolved
+    flat = _flatten(kept)
     final = {f"final/{k}": v for k, v in metrics.items() if not k.endswith("/count")}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
