@@ -51,7 +51,18 @@ def test_every_experiment_composes_and_validates(experiment, tmp_path):
 
 @pytest.mark.parametrize(
     "group",
-    ["data", "backbone", "optimizer", "scheduler", "trainer", "callbacks", "logger", "debug", "model"],
+    [
+        "data",
+        "backbone",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "callbacks",
+        "logger",
+        "debug",
+        "model",
+        "notify",
+    ],
 )
 def test_every_group_option_composes_and_validates(group, tmp_path):
     for option in _options(group):

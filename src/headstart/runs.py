@@ -37,11 +37,16 @@ PATH_KEYS = (
 )
 
 
+# Sections about how a run was launched and reported, not what it trained: never recorded (`notify` holds URLs
+# with tokens).
+NOT_RECORDED = ("hydra", "notify")
+
+
 def recorded_config(cfg: DictConfig) -> dict:
     """What a model records about its run (checkpoints, bundles, manifests): the resolved config as plain data,
-    without Hydra's own section, with the paths in PATH_KEYS made absolute (backbone.weights only when it names a
+    without the sections in NOT_RECORDED, with the paths in PATH_KEYS made absolute (backbone.weights only when it names a
     file)."""
-    record = {str(k): plain(cfg[k]) for k in cfg if k != "hydra"}
+    record = {str(k): plain(cfg[k]) for k in cfg if k not in NOT_RECORDED}
     for key in PATH_KEYS:
         section, _, leaf = key.rpartition(".")
         node = record.get(section) if section else record

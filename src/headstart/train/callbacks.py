@@ -1,20 +1,27 @@
 """Lightning callbacks: what people look at in TensorBoard (confusion matrices, prediction grids), the epoch cost
-timer, frozen BatchNorm statistics, and the guard that stops a diverging run."""
+timer, frozen BatchNorm statistics, the guard that stops a diverging run, and the run's notification."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
 
 from headstart.core.transforms import denormalize
 from headstart.errors import ConfigError, DivergedError
+from headstart.train.notify import ENV_VAR, in_sweep, literal_urls, notify_urls, run_message, send
 from headstart.visuals import confusion_figure, prediction_grid
 
 log = logging.getLogger(__name__)
@@ -309,4 +316,91 @@ class DivergenceGuard(L.Callback):
             f"training diverged {where}. Nothing of this run is kept as a result. Try a lower {rate}, "
             "gradient clipping (trainer.gradient_clip_val=1.0), or look for NaN/inf in the data; to skip such "
             "batches instead of stopping: callbacks.divergence.on_nonfinite_loss=skip_batch"
+        )
+
+
+class RunNotifier(L.Callback):
+    """One message per run: `finished()` when train() has written its final metrics.json (fit, test, export and
+    cost all done: the metrics worth reading), or one failure message naming the error: from Lightning's
+    `on_exception` when a fit, validate or test call fails (with the epoch and step it reached), or from
+    `failed()` for what fails outside the trainer (data, export). Only the first message of a run is sent, and
+    only by the first process of a distributed run.
+
+    In a sweep (-m) a job's message follows `notify.jobs`: `failed` (default) sends only failures, `all` every
+    job, `none` nothing (the sweep's message comes from `SweepNotifier`)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        name: str,
+        run_dir: Path,
+        monitor: str,
+        mode: str,
+        jobs: str = "failed",
+        in_sweep: bool = False,
+    ) -> None:
+        self.urls, self.name, self.run_dir = list(urls), name, Path(run_dir).absolute()
+        self.monitor, self.mode = monitor, mode
+        self.send_finished = not in_sweep or jobs == "all"
+        self.send_failed = not in_sweep or jobs in ("failed", "all")
+        self.sent = False
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> RunNotifier | None:
+        """The run's notifier, or None when `notify` is off. Warns once when `notify.urls` holds a URL written
+        out, which Hydra keeps in .hydra/ (headstart itself never records the notify section)."""
+        section = cfg.get("notify")
+        if section is None:
+            return None
+        if literal_urls(section):
+            log.warning(
+                "notify.urls holds a URL written out: Hydra saves it in the run's .hydra/ files. Keep tokens out of "
+                "files: set %s instead, or write notify.urls='[${oc.env:YOUR_VAR}]'",
+                ENV_VAR,
+            )
+        return cls(
+            notify_urls(section),
+            cfg.name,
+            Path(cfg.paths.output_dir),
+            cfg.monitor.metric,
+            cfg.monitor.mode,
+            jobs=section.get("jobs", "failed"),
+            in_sweep=in_sweep(),
+        )
+
+    def finished(self, metrics: Mapping[str, Any] | None = None) -> None:
+        """The run ended: send its metrics (default: the run's metrics.json)."""
+        if self.sent or not self.send_finished or rank_zero_only.rank != 0:
+            return
+        if metrics is None:
+            path = self.run_dir / "metrics.json"
+            metrics = json.loads(path.read_text()) if path.is_file() else {}
+        self.sent = True
+        send(*run_message(self.name, self.run_dir, metrics, self.monitor, self.mode), self.urls)
+
+    def failed(
+        self, error: BaseException, metrics: Mapping[str, Any] | None = None, where: str | None = None
+    ) -> None:
+        """The run failed with `error`. Ctrl-C (KeyboardInterrupt, and the SystemExit Lightning turns it into)
+        sends nothing: someone is there."""
+        if self.sent or not self.send_failed or not isinstance(error, Exception) or rank_zero_only.rank != 0:
+            return
+        self.sent = True
+        reason = str(error).strip().splitlines()[0][:500] if str(error).strip() else ""
+        named = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+        title, body = run_message(
+            self.name, self.run_dir, metrics or {}, self.monitor, self.mode, named, where
+        )
+        send(title, body, self.urls, failure=True)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1
+        }
+        state = trainer.state.stage or trainer.state.fn
+        stage = getattr(state, "value", state)
+        self.failed(
+            exception, metrics, where=f"{stage}, epoch {trainer.current_epoch}, step {trainer.global_step}"
         )

@@ -98,6 +98,12 @@ class CostSchema:
 
 
 @dataclass
+class NotifySchema:
+    urls: Any = field(default_factory=list)  # a list of apprise URLs, or one string
+    jobs: str = "failed"
+
+
+@dataclass
 class TrainSchema:
     name: str = "default"
     seed: int = 42
@@ -116,6 +122,7 @@ class TrainSchema:
     model: ModelSchema = field(default_factory=ModelSchema)
     tune: TuneSchema = field(default_factory=TuneSchema)
     cost: CostSchema = field(default_factory=CostSchema)
+    notify: NotifySchema | None = None
     flow: Any = None
     data: Any = None
     optimizer: Any = None
@@ -155,9 +162,11 @@ def validate_train_config(cfg: DictConfig) -> None:
     check_targets(cfg, ["data", "optimizer", "scheduler", "finetune", "trainer", "callbacks", "logger"])
     from headstart.train.cost import check_cost_config  # lazy: both import Lightning and the model
     from headstart.train.lr_finder import check_tune_config
+    from headstart.train.notify import check_notify_config
 
     check_tune_config(cfg)
     check_cost_config(cfg)
+    check_notify_config(cfg)
     from headstart.train.finetune import build_schedule  # lazy: imports Lightning
 
     build_schedule(cfg)  # its values, and how it fits features= and backbone.trainable_stages

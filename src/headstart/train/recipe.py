@@ -29,7 +29,7 @@ from headstart.runs import recorded_config, resolve_resume, write_json
 from headstart.serve.plain import plain
 from headstart.ship.shipping import ship_run
 from headstart.train.benefit import describe_benefit, dof_benefit
-from headstart.train.callbacks import EpochCostTimer
+from headstart.train.callbacks import EpochCostTimer, RunNotifier
 from headstart.train.config import validate_train_config
 from headstart.train.cost import CostReport
 from headstart.train.extract import dof_for_config, frozen_backbone
@@ -120,8 +120,25 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
 
 def train(cfg: DictConfig) -> float | None:
     """Train, validate and test one model as configured, then export it (ONNX, bundle); return the monitored metric
-    (for sweepers)."""
+    (for sweepers).
+
+    With `notify=apprise` one message tells how the run ended: sent here, once metrics.json holds the final metrics
+    (Lightning's on_train_end comes before test, export and cost), or naming the error when the run fails (from the
+    trainer's on_exception hook, or from here for a failure outside the trainer)."""
     validate_train_config(cfg)
+    notifier = RunNotifier.from_config(cfg)
+    if notifier is None:
+        return _train(cfg, [])
+    try:
+        value = _train(cfg, [notifier])
+    except Exception as e:
+        notifier.failed(e)  # nothing when on_exception already sent it
+        raise
+    notifier.finished()
+    return value
+
+
+def _train(cfg: DictConfig, extra_callbacks: list[L.Callback]) -> float | None:
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_resume(cfg.ckpt_path, cfg.resume, Path(cfg.paths.log_dir) / cfg.name, run_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -136,6 +153,7 @@ def train(cfg: DictConfig) -> float | None:
     on_features = isinstance(datamodule, FeatureDataModule)
     timer = EpochCostTimer()  # time/train_epoch_s; on features also the DoF benefit
     callbacks.append(timer)
+    callbacks += extra_callbacks
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if _world_size(trainer) > 1:

@@ -10,8 +10,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # Overrides that say where and how a job ran, not what model it trains: left out of reproducing experiment files.
-RUN_ONLY_PREFIXES = ("hydra.", "hydra/", "paths.")
-RUN_ONLY_GROUPS = ("hparams_search", "experiment")
+RUN_ONLY_PREFIXES = ("hydra.", "hydra/", "paths.", "notify.")
+RUN_ONLY_GROUPS = ("hparams_search", "experiment", "notify")
 
 
 def _key(override: str) -> str:

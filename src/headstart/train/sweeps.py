@@ -28,9 +28,9 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
 
 
-def summarize_sweep(sweep_dir: Path) -> pd.DataFrame | None:
-    """Read each job's overrides and metrics.json under `sweep_dir`; write summary.csv and summary.md there, and
-    best_experiment.yaml for the best job that finished (see `write_best_experiment`)."""
+def sweep_table(sweep_dir: Path) -> tuple[pd.DataFrame, str | None, str] | None:
+    """Every job under `sweep_dir` as a row (its overrides that differ between jobs, `status` ok or failed, its
+    final metrics), best first by the monitored metric; with that metric and its mode. None when there is no job."""
     rows = []
     monitor, mode = None, "min"
     for job in _job_dirs(sweep_dir):
@@ -54,6 +54,16 @@ def summarize_sweep(sweep_dir: Path) -> pd.DataFrame | None:
     table = table.drop(columns=constant)  # the same in every job: not what the sweep compares
     if monitor in table:
         table = table.sort_values(monitor, ascending=(mode == "min"), na_position="last")
+    return table, monitor, mode
+
+
+def summarize_sweep(sweep_dir: Path) -> pd.DataFrame | None:
+    """Read each job's overrides and metrics.json under `sweep_dir` (`sweep_table`); write summary.csv and
+    summary.md there, and best_experiment.yaml for the best job that finished (see `write_best_experiment`)."""
+    found = sweep_table(sweep_dir)
+    if found is None:
+        return None
+    table, monitor, mode = found
     table.to_csv(sweep_dir / "summary.csv", index=False)
     (sweep_dir / "summary.md").write_text(
         f"# Sweep summary\n\nSorted by `{monitor}` ({mode}), best first.\n\n" + markdown_table(table)
@@ -62,7 +72,7 @@ def summarize_sweep(sweep_dir: Path) -> pd.DataFrame | None:
         sweep_dir, table, monitor, mode
     )  # k-fold: mean ± std over data.fold (folds.csv)
     if folds is None:
-        best = _best_job(table, monitor)
+        best = best_job(table, monitor)
         if best is not None:
             write_best_experiment(sweep_dir / best, sweep_dir / BEST_EXPERIMENT)
     else:
@@ -73,8 +83,8 @@ def summarize_sweep(sweep_dir: Path) -> pd.DataFrame | None:
     return table
 
 
-def _best_job(table: pd.DataFrame, monitor: str | None) -> str | None:
-    """The name of the first (best) job that finished with a value of the monitored metric."""
+def best_job(table: pd.DataFrame, monitor: str | None) -> str | None:
+    """The name of the first (best) job of a `sweep_table` that finished with a value of the monitored metric."""
     if monitor not in table:
         return None
     done = table[(table["status"] == "ok") & table[monitor].notna()]

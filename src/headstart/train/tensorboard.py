@@ -95,7 +95,8 @@ def tuned_hyperparameters(cfg: DictConfig, overrides: list[str] | None = None) -
     optimizer, scheduler, features, plus every other key a sweep or the command line set (`overrides`: Hydra's
     task overrides, `key=value`). Values are numbers or strings (a bool as "true"/"false": TensorBoard shows a
     Python bool as 0.0000)."""
-    config = plain(cfg)
+    # Not the whole config: `notify` may hold ${oc.env:...} secrets that must never be resolved into a log.
+    config = {str(k): plain(cfg[k]) for k in cfg if k not in ("hydra", "paths", "notify")}
     out: dict[str, Any] = {}
     for column, key in TUNED.items():
         found, value = _lookup(config, key)
