@@ -33,6 +33,7 @@ from headstart.train.config import validate_train_config
 from headstart.train.cost import CostReport
 from headstart.train.extract import dof_for_config, frozen_backbone
 from headstart.train.finetune import build_schedule
+from headstart.train.loggers import build_loggers, has_logger
 from headstart.train.lr_finder import find_lr
 from headstart.train.reattach import attach_backbone, check_reattached, save_model
 from headstart.train.reports import write_task_tables
@@ -103,17 +104,13 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = [
         instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c
     ]
-    if not any(c is not None and "_target_" in c for c in (cfg.get("logger") or {}).values()):
+    if not has_logger(cfg):
         unused = [type(c).__name__ for c in callbacks if isinstance(c, NEEDS_LOGGER)]
         if unused:
             log.info("no logger: leaving out %s (it only writes to a logger)", ", ".join(unused))
         callbacks = [c for c in callbacks if not isinstance(c, NEEDS_LOGGER)]
     schedule = build_schedule(cfg)
     return [schedule, *callbacks] if schedule else callbacks
-
-
-def build_loggers(cfg: DictConfig) -> list[Logger]:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -185,6 +182,8 @@ def train(cfg: DictConfig) -> float | None:
             ship_run(cfg, datamodule, best, run_dir, metrics)
         metrics.update(cost.report(model, run_dir, best, loggers))  # latency of the export; cost.json
         write_json(run_dir / "metrics.json", metrics)
+        for logger in loggers:  # what was logged after testing (cost/*, dof/*) reaches csv/metrics.csv too
+            logger.finalize("success")
     return metrics.get(cfg.monitor.metric)
 
 
