@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from headstart.errors import ConfigError
 from headstart.train.config import validate_train_config
 from headstart.train.recipe import train
 
+EXTRAS = ("mlflow", "wandb")  # conf/logger options whose package is an optional extra (pyproject.toml)
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
@@ -66,7 +68,12 @@ def test_every_experiment_composes_and_validates(experiment, tmp_path):
 )
 def test_every_group_option_composes_and_validates(group, tmp_path):
     for option in _options(group):
-        validate_train_config(compose_train([f"{group}={option}"], tmp_path))
+        cfg = compose_train([f"{group}={option}"], tmp_path)
+        if group == "logger" and option in EXTRAS and importlib.util.find_spec(option) is None:
+            with pytest.raises(ConfigError, match=rf"pip install -e '\.\[{option}\]'"):
+                validate_train_config(cfg)  # an optional extra that is not installed (tests/test_loggers.py)
+        else:
+            validate_train_config(cfg)
 
 
 def test_no_arguments_is_the_digits_experiment(tmp_path):

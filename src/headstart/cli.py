@@ -11,7 +11,11 @@ The stages are imported when a command runs, so `--help` and `--cfg job` answer 
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import hydra
 from omegaconf import DictConfig
@@ -33,8 +37,35 @@ def conf_dir() -> Path:
 
 
 CONF = str(conf_dir())
+T = TypeVar("T")
 
 
+def null_groups_as_deletions(args: list[str], conf: Path) -> list[str]:
+    """The command line with each `GROUP=null` (a config group of `conf`, e.g. `logger=null`) written as Hydra's
+    deletion `~GROUP`: the group is left out. Hydra itself refuses null for a group ("Config group override must be
+    a string or a list"), while `logger=null` is how users of the lightning-hydra-template turn logging off. Other
+    arguments (`ckpt_path=null`, `logger.tensorboard=null`, sweeps) pass through unchanged."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        is_group = sep and key.isidentifier() and (conf / key).is_dir()
+        out.append(f"~{key}" if is_group and value == "null" else arg)
+    return out
+
+
+def _command(main: Callable[..., T]) -> Callable[..., T]:
+    """A Hydra main as a command that also takes `GROUP=null` (see `null_groups_as_deletions`)."""
+
+    @functools.wraps(main)
+    def command(*args: Any, **kwargs: Any) -> T:
+        if not args and not kwargs:  # from the command line (a config passed in goes straight through)
+            sys.argv[1:] = null_groups_as_deletions(sys.argv[1:], Path(CONF))
+        return main(*args, **kwargs)
+
+    return command
+
+
+@_command
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def train(cfg: DictConfig) -> float | None:
     """Train, test and export one model: headstart-train [experiment=NAME] [group=option ...] [key=value ...]"""
@@ -44,6 +75,7 @@ def train(cfg: DictConfig) -> float | None:
     return run_guarded(train_stage, cfg)
 
 
+@_command
 @hydra.main(version_base="1.3", config_path=CONF, config_name="extract")
 def extract(cfg: DictConfig) -> None:
     """Extract a DoF feature set: headstart-extract [experiment=NAME] [extract.views=K] [verify=true]"""
@@ -54,6 +86,7 @@ def extract(cfg: DictConfig) -> None:
     run_guarded(extract_stage, cfg, interrupted=INTERRUPTED)
 
 
+@_command
 @hydra.main(version_base="1.3", config_path=CONF, config_name="evaluate")
 def evaluate(cfg: DictConfig) -> None:
     """Evaluate a model: headstart-evaluate model=RUN_DIR|CKPT|ONNX|BUNDLE [data=...] [split=test]"""
@@ -63,6 +96,7 @@ def evaluate(cfg: DictConfig) -> None:
     run_guarded(evaluate_stage, cfg)
 
 
+@_command
 @hydra.main(version_base="1.3", config_path=CONF, config_name="predict")
 def predict(cfg: DictConfig) -> None:
     """Predict a folder, file or glob of images: headstart-predict model=BUNDLE inputs=FOLDER_OR_GLOB"""
@@ -72,6 +106,7 @@ def predict(cfg: DictConfig) -> None:
     run_guarded(predict_stage, cfg)
 
 
+@_command
 @hydra.main(version_base="1.3", config_path=CONF, config_name="prune")
 def prune(cfg: DictConfig) -> None:
     """Prune a trained model: headstart-prune model=RUN_DIR_OR_CKPT [pruning.ratio=0.5] [pruning.steps=8]"""

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from headstart.errors import ConfigError
+from headstart.train.loggers import check_logger_config
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -160,6 +161,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         if cfg.get(key) is None:
             raise ConfigError(f"'{key}' is missing from the config; choose one with {key}=<name>")
     check_targets(cfg, ["data", "optimizer", "scheduler", "finetune", "trainer", "callbacks", "logger"])
+    check_logger_config(cfg)  # logger=mlflow or wandb without its extra
     from headstart.train.cost import check_cost_config  # lazy: both import Lightning and the model
     from headstart.train.lr_finder import check_tune_config
     from headstart.train.notify import check_notify_config

@@ -34,6 +34,7 @@ from headstart.train.config import validate_train_config
 from headstart.train.cost import CostReport
 from headstart.train.extract import dof_for_config, frozen_backbone
 from headstart.train.finetune import build_schedule
+from headstart.train.loggers import build_loggers, has_logger
 from headstart.train.lr_finder import find_lr
 from headstart.train.reattach import attach_backbone, check_reattached, save_model
 from headstart.train.reports import final_metrics_table, write_task_tables
@@ -105,17 +106,13 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = [
         instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c
     ]
-    if not any(c is not None and "_target_" in c for c in (cfg.get("logger") or {}).values()):
+    if not has_logger(cfg):
         unused = [type(c).__name__ for c in callbacks if isinstance(c, NEEDS_LOGGER)]
         if unused:
             log.info("no logger: leaving out %s (it only writes to a logger)", ", ".join(unused))
         callbacks = [c for c in callbacks if not isinstance(c, NEEDS_LOGGER)]
     schedule = build_schedule(cfg)
     return [schedule, *callbacks] if schedule else callbacks
-
-
-def build_loggers(cfg: DictConfig) -> list[Logger]:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -203,6 +200,8 @@ def _train(cfg: DictConfig, extra_callbacks: list[L.Callback]) -> float | None:
         metrics.update(cost.report(model, run_dir, best, loggers))  # latency of the export; cost.json
         write_json(run_dir / "metrics.json", metrics)
         _log_final_hparams(loggers, cfg, metrics, model.flow)
+        for logger in loggers:  # what was logged after testing (cost/*, dof/*) reaches csv/metrics.csv too
+            logger.finalize("success")
     return metrics.get(cfg.monitor.metric)
 
 
@@ -482,5 +481,4 @@ def _log_final_hparams(
             )
         else:
             logger.log_hyperparams(params)
-            logger.log_metrics(final, step=0)
-            logger.save()
+            logger.log_metrics(final, step=0)  # written when the loggers are finalized, at the end of train()
