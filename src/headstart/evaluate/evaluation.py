@@ -265,8 +265,12 @@ def write_gradcams(loaded: LoadedModel, outputs: Outputs, folder: Path, count: i
         image = load_rgb(outputs.paths[i])
         if "true" in example:
             label = caption(path, example["true"], example["predicted"], name_task=name_task)
-            verdict = {True: "right", False: "wrong", None: "unlabelled"}[example["right"]]
-            stem = f"{verdict}_{example['true'] or 'unlabelled'}_predicted_{example['predicted'] or NOT_APPLICABLE}"
+            truth, guess = example["true"] or "unlabelled", example["predicted"] or NOT_APPLICABLE
+            stem = {
+                True: f"right_{truth}",
+                False: f"wrong_{truth}_predicted_{guess}",
+                None: f"unlabelled_predicted_{guess}",
+            }[example["right"]]
         else:
             label, stem = (path if name_task else ""), "image"
         cam = grad_cam(loaded.torch_model, image, task=path, layer=layer)
