@@ -10,7 +10,7 @@ from PIL import Image
 from headstart.core.model import HeadstartModel
 from headstart.core.transforms import InputTransform, eval_transform
 from headstart.errors import ConfigError
-from headstart.evaluate.gradcam import grad_cam, overlay, target_layer
+from headstart.evaluate.gradcam import grad_cam, overlay, readable_size, side_by_side, target_layer
 from tests.conftest import shared_data
 
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
@@ -254,6 +254,25 @@ def test_overlay() -> None:
     assert overlay(image.convert("L"), cam, cmap="inferno").mode == "RGB"
     with pytest.raises(ValueError, match="shape"):
         overlay(image, cam.T)
+
+
+def test_side_by_side_shows_image_and_overlay_at_a_readable_size() -> None:
+    image = square_image()  # 50 x 37: tiny, so whole pixels (x7), not a blur
+    cam = grad_cam(brightness_model(), image)
+    picture = side_by_side(image, cam, "b, predicted a")
+    assert picture.mode == "RGB" and picture.width >= 2 * 350 and picture.height >= 259
+    band = picture.height - 259  # the caption is written above the two panels
+    assert band > 10 and np.asarray(picture)[:band].min() < 100  # some dark text on white
+    left = np.asarray(picture)[band:, :350]
+    np.testing.assert_array_equal(left, np.asarray(image.resize((350, 259), Image.Resampling.NEAREST)))
+    right = np.asarray(picture)[band:, -350:].astype(float)
+    assert right[14 * 7, 36 * 7][0] > right[14 * 7, 36 * 7][2]  # red over the square
+    assert readable_size(8, 8) == (224, 224, Image.Resampling.NEAREST)
+    width, height, resample = readable_size(1024, 768)  # a photo: smoothly to a short side of 224
+    assert (width, height) == (299, 224) and resample != Image.Resampling.NEAREST
+    assert readable_size(150, 200)[:2] == (224, 299)
+    with pytest.raises(ValueError, match="shape"):
+        side_by_side(image, cam.T)
 
 
 def test_real_photo() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -231,12 +232,18 @@ def test_evaluation_folder_has_tables_pictures_speed_wrong_images_and_gradcam(ru
     assert speed["machine"]["threads"] >= 1 and speed["machine"]["cpu"]
 
     cams = sorted((tmp_path / "gradcam").glob("*.png"))
-    assert len(cams) == 4
-    assert "__as__" in cams[0].name and cams[0].name.split("_", 1)[1].split("__as__")[0] != "image"
-    for cam in cams:
-        assert Image.open(cam).size == (8, 8)  # the digits' own size
+    assert len(cams) == 4 and cams[0].name.startswith("00_wrong_")
+    for cam in cams:  # an 8x8 digit and its overlay side by side, each enlarged to 224x224, a caption above
+        width, height = Image.open(cam).size
+        assert width > 2 * 224 and height > 224
     report = (tmp_path / "report.md").read_text()
-    assert "![label](confusion/label.png)" in report and "gradcam/00_" in report
+    assert "![label](confusion/label.png)" in report and "gradcam/00_wrong_" in report
+    assert "__as__" not in report and "not_applicable" not in report
+    shown = re.findall(r"^\*\*(\d), predicted (\d)\*\*", report, flags=re.M)  # "**3, predicted 9**"
+    assert len(shown) == 4 and [t != p for t, p in shown] == [True, True, False, False]
+    assert (
+        len({t for t, _ in shown[2:]}) == 2
+    )  # the right ones come from different classes, not the first files
     assert "onnxruntime" in report and "| label | multiclass |" in report
 
 

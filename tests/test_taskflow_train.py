@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -259,6 +260,9 @@ def test_evaluate_a_flow_model_writes_the_task_table_and_a_confusion_matrix_per_
         == HeadstartModel.from_checkpoint(security_run / "checkpoints" / "best.ckpt").flow.leaf_paths
     )
     assert len(list((tmp_path / "gradcam").glob("*.png"))) == 2
+    # the captions name the task: "**camera_blocked: no, predicted yes**"
+    report = (tmp_path / "report.md").read_text()
+    assert len(re.findall(r"^\*\*camera_blocked: (no|yes), predicted (no|yes)\*\*", report, flags=re.M)) == 2
     for copy in (tmp_path / "wrong").rglob("*.png"):  # wrong/<task>/<true>__as__<predicted>/
         assert copy.parent.parent.name in table["task"].tolist() and "__as__" in copy.parent.name
 

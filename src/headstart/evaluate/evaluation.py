@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from headstart.visuals import confusion_figure
 log = logging.getLogger(__name__)
 
 CLASSIFICATION = ("binary", "multiclass")
+NOT_APPLICABLE = "not applicable"  # a decision whose condition is false by prediction
 
 
 @dataclass
@@ -141,20 +144,38 @@ def write_confusions(flow: TaskFlow, outputs: Outputs, folder: Path) -> dict[str
     return written
 
 
+def decisions(flow: TaskFlow, outputs: Outputs, path: str) -> list[tuple[int, str | None, str | None]]:
+    """(row, true class, predicted class) of every sample for classification task `path`. The truth is None where
+    the task does not apply by ground truth, the prediction None where it does not apply by prediction."""
+    task = flow.tasks[path]
+    guesses = flow.predict(outputs.logits)[path]["value"]
+    applies = flow.masks(outputs.targets)[path]
+    return [
+        (
+            i,
+            decision_name(task, outputs.targets[path][i]) if applies[i] else None,
+            decision_name(task, guesses[i]),
+        )
+        for i in range(len(outputs.paths))
+    ]
+
+
 def wrong_predictions(flow: TaskFlow, outputs: Outputs) -> list[dict[str, Any]]:
     """Samples a classification task got wrong where it applies by ground truth: {i, path, task, true, predicted}."""
-    predicted = flow.predict(outputs.logits)
-    masks = flow.masks(outputs.targets)
     rows: list[dict[str, Any]] = []
     for path, task in flow.tasks.items():
         if task.kind not in CLASSIFICATION:
             continue
-        for i in torch.nonzero(masks[path]).flatten().tolist():
-            truth = decision_name(task, outputs.targets[path][i])
-            guess = decision_name(task, predicted[path]["value"][i]) or "not_applicable"
-            if guess != truth:
+        for i, truth, guess in decisions(flow, outputs, path):
+            if truth is not None and guess != truth:
                 rows.append(
-                    {"i": i, "path": outputs.paths[i], "task": path, "true": truth, "predicted": guess}
+                    {
+                        "i": i,
+                        "path": outputs.paths[i],
+                        "task": path,
+                        "true": truth,
+                        "predicted": guess or NOT_APPLICABLE,
+                    }
                 )
     return rows
 
@@ -180,29 +201,84 @@ def copy_wrong(
     return rows
 
 
+def caption(task: str, truth: str | None, guess: str | None, *, name_task: bool = False) -> str:
+    """How a decision reads for people: "3, predicted 9"; with `name_task` (flows with several tasks)
+    "door_open: no, predicted yes". A missing label reads "unlabelled", a false condition "not applicable"."""
+    text = f"{truth or 'unlabelled'}, predicted {guess or NOT_APPLICABLE}"
+    return f"{task}: {text}" if name_task else text
+
+
+def round_robin(groups: Iterable[Sequence[int]]) -> list[int]:
+    """The first of each group, then the second of each, ...: a short prefix covers as many groups as it can."""
+    return [i for layer in itertools.zip_longest(*groups) for i in layer if i is not None]
+
+
+def pick_examples(flow: TaskFlow, outputs: Outputs, path: str, count: int) -> list[dict[str, Any]]:
+    """`count` samples to show for classification task `path`: {i, right, true, predicted} (`right` is None where
+    the task does not apply by ground truth).
+
+    Wrong decisions take up to half of the places (more when there are too few right ones), then right ones; each
+    is taken in turn from every true class (class order, data order within a class), so a few examples span the
+    classes instead of being the first files, which a sorted folder would make all one class. Samples the task
+    does not apply to by ground truth come last. The choice is deterministic: the same split gives the same
+    examples.
+    """
+    names = class_names(flow.tasks[path])
+    wrong: dict[str, list[int]] = {name: [] for name in names}
+    right: dict[str, list[int]] = {name: [] for name in names}
+    rest: list[int] = []
+    found: dict[int, dict[str, Any]] = {}
+    for i, truth, guess in decisions(flow, outputs, path):
+        ok = None if truth is None else guess == truth
+        found[i] = {"i": i, "right": ok, "true": truth, "predicted": guess}
+        if ok is None:
+            rest.append(i)
+        else:
+            (right if ok else wrong)[truth].append(i)
+    wrong_order, right_order = round_robin(wrong.values()), round_robin(right.values())
+    n_wrong = min(len(wrong_order), max((count + 1) // 2, count - len(right_order)))
+    order = wrong_order[:n_wrong] + right_order[: count - n_wrong]
+    order += rest[: max(0, count - len(order))]
+    return [found[i] for i in order]
+
+
 def write_gradcams(loaded: LoadedModel, outputs: Outputs, folder: Path, count: int) -> list[dict[str, Any]]:
-    """Grad-CAM overlays for `count` images (wrong ones first) of the first classification task; PyTorch only."""
+    """Grad-CAM pictures (the image and its overlay side by side, readable size, captioned) for `count` examples
+    of the first classification task (`pick_examples`: wrong ones first, spread over the classes); PyTorch only."""
     if count <= 0 or loaded.torch_model is None:
         return []
-    from headstart.evaluate.gradcam import grad_cam, overlay
+    from headstart.evaluate.gradcam import grad_cam, side_by_side, target_layer
 
     flow = loaded.flow
-    path = next((p for p, t in flow.tasks.items() if t.kind in CLASSIFICATION), flow.leaf_paths[0])
-    task = flow.tasks[path]
-    wrong = [r["i"] for r in wrong_predictions(flow, outputs) if r["task"] == path]
-    order = list(dict.fromkeys(wrong[: (count + 1) // 2] + list(range(len(outputs.paths)))))[:count]
-    predicted = flow.predict(outputs.logits)[path]["value"]
+    path = next((p for p, t in flow.tasks.items() if t.kind in CLASSIFICATION), None)
+    if path is None:  # no classification task: the first task, in data order
+        path = flow.leaf_paths[0]
+        examples = [{"i": i, "right": None} for i in range(min(count, len(outputs.paths)))]
+    else:
+        examples = pick_examples(flow, outputs, path, count)
+    name_task = len(flow.tasks) > 1
     folder.mkdir(parents=True, exist_ok=True)
+    layer = target_layer(loaded.torch_model.backbone)  # found once for all the images
     written = []
-    for k, i in enumerate(order):
+    for k, example in enumerate(examples):
+        i = example["i"]
         image = load_rgb(outputs.paths[i])
-        label = ""
-        if task.kind in CLASSIFICATION:
-            truth = decision_name(task, outputs.targets[path][i]) or "unlabelled"
-            label = f"{truth}__as__{decision_name(task, predicted[i]) or 'not_applicable'}"
-        file = folder / f"{k:02d}_{_safe(label or 'image')}.png"
-        overlay(image, grad_cam(loaded.torch_model, image, task=path)).save(file)
-        written.append({"path": file, "image": outputs.paths[i], "label": label, "task": path})
+        if "true" in example:
+            label = caption(path, example["true"], example["predicted"], name_task=name_task)
+            truth, guess = example["true"] or "unlabelled", example["predicted"] or NOT_APPLICABLE
+            stem = {
+                True: f"right_{truth}",
+                False: f"wrong_{truth}_predicted_{guess}",
+                None: f"unlabelled_predicted_{guess}",
+            }[example["right"]]
+        else:
+            label, stem = (path if name_task else ""), "image"
+        cam = grad_cam(loaded.torch_model, image, task=path, layer=layer)
+        file = folder / f"{k:02d}_{_safe(stem)}.png"
+        side_by_side(image, cam, label).save(file)
+        written.append(
+            {"path": file, "image": outputs.paths[i], "label": label, "task": path, "right": example["right"]}
+        )
     return written
 
 
@@ -294,12 +370,19 @@ def write_report(
     elif not cams:
         lines.append("Off (gradcam=0).")
     else:
-        lines.append(f"Where the backbone looked for task `{cams[0]['task']}` (wrong predictions first).")
-        lines.append("")
         lines += [
-            f"![{c['label']}]({c['path'].relative_to(out)}) `{Path(c['image']).name}` {c['label']}"
-            for c in cams
+            f"Where the backbone looked for task `{cams[0]['task']}`: each picture is the image (left) and the "
+            "evidence for the predicted class over it (right; red: strong, blue: none). Wrong predictions first, "
+            "then right ones, taken in turn from each true class.",
+            "",
         ]
+        headings = {False: "Wrong", True: "Right", None: "Other examples"}
+        for right, group in itertools.groupby(cams, key=lambda c: c["right"]):
+            lines += [f"### {headings[right]}", ""]
+            for c in group:
+                name = Path(c["image"]).name
+                lines += [f"**{c['label']}** (`{name}`)" if c["label"] else f"`{name}`", ""]
+                lines += [f"![{c['label'] or name}]({c['path'].relative_to(out)})", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

@@ -7,6 +7,9 @@ gradient of one score (a logit) with respect to them, and keeps the positive par
 The model sees the image resized (shorter side to `resize`) and center-cropped (`crop` x `crop`). The heat map is
 computed on that crop and placed back into the original image's coordinates; what the crop cut off gets 0.
 
+For people, `side_by_side` draws the image and its overlay next to each other at a readable size (`readable_size`):
+an 8x8 digit is shown as 224x224 whole pixels, a photo is resized smoothly to a short side of 224.
+
 Nothing of the model is changed behind the caller's back: no hook stays registered, no `requires_grad` flag, no
 `.grad` and no train/eval mode of any module is different afterwards (also when an error is raised).
 """
@@ -18,7 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from headstart.core.backbones import Backbone
@@ -26,7 +29,9 @@ from headstart.core.model import HeadstartModel
 from headstart.core.transforms import InputTransform, eval_transform
 from headstart.errors import ConfigError
 
-__all__ = ["grad_cam", "overlay", "target_layer"]
+__all__ = ["READABLE", "enlarge", "grad_cam", "overlay", "readable_size", "side_by_side", "target_layer"]
+
+READABLE = 224  # the short side, in pixels, of a picture meant for people (what the models see, too)
 
 _CLASS_KINDS = ("binary", "multiclass")
 _NO_BACKBONE = (
@@ -159,22 +164,105 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.45, cmap: str 
     the image with weight `alpha` (0: only the image, 1: only the heat map)."""
     import matplotlib
 
-    cam = np.asarray(cam)
-    if cam.shape != (image.height, image.width):
-        raise ValueError(
-            f"overlay: the heat map has shape {cam.shape}, the image is {image.height}x{image.width} (H x W)"
-        )
+    values = _cam_values(image, cam, "overlay")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"overlay: alpha must be in [0, 1], got {alpha}")
-    values = np.clip(np.nan_to_num(cam.astype(np.float64), nan=0.0), 0.0, 1.0)
     colors = matplotlib.colormaps[cmap](values)[..., :3]  # float [H, W, 3] in [0, 1]
     heat = Image.fromarray(np.round(colors * 255).astype(np.uint8), mode="RGB")
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
+def readable_size(width: int, height: int, short: int = READABLE) -> tuple[int, int, Image.Resampling]:
+    """(width, height, resampling) at which a person can read an image of `width` x `height`.
+
+    Tiny images (short side at most `short` / 2, e.g. 8x8 digits) are enlarged by the smallest whole factor that
+    brings the short side to at least `short`, with nearest-neighbour resampling: every pixel becomes a sharp
+    square, so what the model saw stays visible instead of a blur. Every other image gets a short side of exactly
+    `short`, resized smoothly (bicubic up, Lanczos down), so large photos do not make huge report pictures.
+    """
+    if width < 1 or height < 1 or short < 1:
+        raise ValueError(f"readable_size: sizes must be positive, got {width}x{height} and short={short}")
+    side = min(width, height)
+    if 2 * side <= short:
+        factor = -(-short // side)
+        return width * factor, height * factor, Image.Resampling.NEAREST
+    scale = short / side
+    resample = Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS
+    return max(short, round(width * scale)), max(short, round(height * scale)), resample
+
+
+def enlarge(image: Image.Image, short: int = READABLE) -> Image.Image:
+    """The image resized to `readable_size` (a copy; the image itself is not changed)."""
+    width, height, resample = readable_size(image.width, image.height, short)
+    if (width, height) == image.size:
+        return image.copy()
+    return image.resize((width, height), resample)
+
+
+def side_by_side(
+    image: Image.Image,
+    cam: np.ndarray,
+    caption: str = "",
+    *,
+    short: int = READABLE,
+    alpha: float = 0.45,
+    cmap: str = "jet",
+) -> Image.Image:
+    """One RGB picture for people: the image (left) and its Grad-CAM overlay (right), both at `readable_size`,
+    with `caption` (e.g. "3, predicted 9") written above them.
+
+    `cam` has the original image's size (what `grad_cam` returns). It is resized bilinearly to the shown size
+    before blending, so an enlarged tiny image shows a smooth heat map over sharp pixels.
+    """
+    rgb = image.convert("RGB")
+    values = _cam_values(rgb, cam, "side_by_side")
+    big = enlarge(rgb, short)
+    heat = np.asarray(Image.fromarray(values.astype(np.float32)).resize(big.size, Image.Resampling.BILINEAR))
+    gap = max(4, short // 28)
+    font = _font(max(12, short // 14)) if caption else None
+    band = int(font.getbbox("Ag")[3]) + 2 * gap if font is not None else 0
+    picture = Image.new("RGB", (2 * big.width + gap, band + big.height), "white")
+    picture.paste(big, (0, band))
+    picture.paste(overlay(big, np.clip(heat, 0.0, 1.0), alpha, cmap), (big.width + gap, band))
+    if font is not None:
+        ImageDraw.Draw(picture).text(
+            (gap, gap), _fit(caption, font, picture.width - 2 * gap), fill="black", font=font
+        )
+    return picture
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _cam_values(image: Image.Image, cam: np.ndarray, caller: str) -> np.ndarray:
+    """The heat map as float64 in [0, 1] (NaN: 0), checked to have the image's size."""
+    cam = np.asarray(cam)
+    if cam.shape != (image.height, image.width):
+        raise ValueError(
+            f"{caller}: the heat map has shape {cam.shape}, the image is {image.height}x{image.width} (H x W)"
+        )
+    return np.clip(np.nan_to_num(cam.astype(np.float64), nan=0.0), 0.0, 1.0)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's own font at `size` pixels (bundled, no system fonts needed); its small bitmap font where Pillow was
+    built without FreeType or is older than 10.1."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _fit(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
+    """`text`, shortened with "..." where it would be wider than `width` pixels."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
 
 
 @contextlib.contextmanager
