@@ -73,8 +73,8 @@ def test_hparams_are_the_tuned_few_with_what_a_sweep_set(tmp_path):
     cfg = compose_train([*overrides[:3], "finetune=freeze_unfreeze", "backbone.freeze=true"], tmp_path)
     params = tuned_hyperparameters(cfg, overrides)
     assert len(params) <= MAX_HPARAMS
-    assert list(params)[:3] == ["lr", "weight_decay", "batch_size"]
-    assert params["lr"] == 0.01 and params["hidden"] == "[64]" and params["freeze"] == "true"
+    assert list(params)[:3] == ["base_lr", "weight_decay", "batch_size"]
+    assert params["base_lr"] == 0.01 and params["hidden"] == "[64]" and params["freeze"] == "true"
     assert params["finetune"] == "FreezeUnfreeze" and params["optimizer"] == "AdamW"
     assert params["data.split_seed"] == 3  # swept keys beyond the usual ones get a column too
     assert not any(k.startswith(("paths", "callbacks", "logger", "hydra")) for k in params)
@@ -168,10 +168,12 @@ def test_tensorboard_opens_on_the_curves_with_a_short_hparams_table(main_job):
     # HParams: the few tuned hyperparameters, the final metrics and the cost as metric columns
     experiment = hparams["_hparams_/experiment"].experiment
     names = [h.name for h in experiment.hparam_infos]
-    assert len(names) <= MAX_HPARAMS and names[:3] == ["lr", "weight_decay", "batch_size"]
+    assert len(names) <= MAX_HPARAMS and names[:3] == ["base_lr", "weight_decay", "batch_size"]
     assert {"backbone", "dropout", "epochs", "seed", "augment"} <= set(names)
+    ticked = ["augment", "backbone", "base_lr", "batch_size", "dropout"]  # TensorBoard's first five by name
+    assert sorted(names)[:5] == ticked
     values = hparams["_hparams_/session_start_info"].session_start_info.hparams
-    assert values["lr"].number_value == pytest.approx(0.003) and values["freeze"].string_value == "false"
+    assert values["base_lr"].number_value == pytest.approx(0.003) and values["freeze"].string_value == "false"
     metric_tags = {m.name.tag for m in experiment.metric_infos}
     assert {"summary/test/label/acc", "summary/val/loss", "summary/cost/macs"} <= metric_tags
     assert metric_tags <= set(scalars)  # each column has its value

@@ -459,7 +459,7 @@ def _log_final_hparams(
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     params = tuned_hyperparameters(cfg, overrides)
     if "tune/lr" in metrics:  # tune.lr_find: the learning rate it trained with
-        params["lr"] = metrics["tune/lr"]
+        params["base_lr"] = metrics["tune/lr"]
     final = {}
     for name, value in metrics.items():
         split, _, rest = name.partition("/")

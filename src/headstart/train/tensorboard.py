@@ -30,9 +30,11 @@ SPLITS = ("train", "val")
 CURVE_METRICS = ("loss", "acc", "mae")
 # Groups of one value per run: under summary/, which sorts after the curves.
 ONE_OFF_GROUPS = ("test", "cost", "dof")
-# The hyperparameters a person tunes, in the order of HParams' columns (name in the table: config key).
+# The hyperparameters a person tunes (column: config key). HParams shows the columns whose values differ between the
+# runs first, then by name, and ticks the first five: for a single run augment, backbone, base_lr, batch_size,
+# dropout. base_lr: the head's learning rate (a fine-tuned backbone's is base_lr x finetune.backbone_lr_ratio).
 TUNED = {
-    "lr": "optimizer.lr",
+    "base_lr": "optimizer.lr",
     "weight_decay": "optimizer.weight_decay",
     "batch_size": "data.batch_size",
     "backbone": "backbone.name",
@@ -90,7 +92,7 @@ class CurvesTensorBoardLogger(TensorBoardLogger):
 
 
 def tuned_hyperparameters(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
-    """At most 25 hyperparameters a person tunes, as HParams columns: learning rate, weight decay, batch size,
+    """At most 25 hyperparameters a person tunes, as HParams columns: learning rate (base_lr), weight decay, batch size,
     backbone, freeze and fine-tuning schedule, head widths, dropout, label smoothing, augmentation, epochs, seed,
     optimizer, scheduler, features, plus every other key a sweep or the command line set (`overrides`: Hydra's
     task overrides, `key=value`). Values are numbers or strings (a bool as "true"/"false": TensorBoard shows a
