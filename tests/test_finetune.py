@@ -41,7 +41,6 @@ def _overrides(data_dir: Path) -> list[str]:
         "+trainer.limit_val_batches=1",
         "+trainer.num_sanity_val_steps=0",
         "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
     ]
 
 

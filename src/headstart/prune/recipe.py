@@ -39,6 +39,7 @@ from headstart.speed import measure_speed, torch_threads
 from headstart.tables import markdown_table
 from headstart.train.callbacks import FreezeBatchNormStats
 from headstart.train.reattach import save_model
+from headstart.train.recipe import stage_metrics
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +216,8 @@ def measure_step(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    metrics = {
-        k: float(v) for k, v in trainer.validate(model, datamodule=datamodule, verbose=False)[0].items()
-    }
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    metrics = stage_metrics(trainer, "val")
     model.cpu().eval()
     macs, params = count_macs_params(model)
     onnx = export_onnx(

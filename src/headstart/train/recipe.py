@@ -177,11 +177,11 @@ def _train(cfg: DictConfig, extra_callbacks: list[L.Callback]) -> float | None:
             trainer.validate(
                 model, datamodule=datamodule, ckpt_path=best or ckpt_path, weights_only=True, verbose=False
             )
-            metrics.update(_stage_metrics(trainer, "val"))
+            metrics.update(stage_metrics(trainer, "val"))
         trainer.test(
             model, datamodule=datamodule, ckpt_path=best or ckpt_path, weights_only=True, verbose=False
         )
-        metrics.update(_stage_metrics(trainer, "test"))
+        metrics.update(stage_metrics(trainer, "test"))
     if on_features and trainer.is_global_zero and not trainer.fast_dev_run:
         metrics.update(_dof_benefit(datamodule, timer, loggers))
         _reattach(cfg, datamodule, best, run_dir)
@@ -436,9 +436,10 @@ def conditional_tasks(flow: TaskFlow) -> set[str]:
     return {path for path in flow.tasks if flow.condition_text(path) is not None}
 
 
-def _stage_metrics(trainer: L.Trainer, stage: str) -> dict[str, float]:
-    """What the model logged in the `trainer.validate` or `trainer.test` just run: every `<stage>/...` value, those
-    kept off the loggers' charts (row counts) included, which the call's own return value leaves out."""
+def stage_metrics(trainer: L.Trainer, stage: str) -> dict[str, float]:
+    """What a HeadstartModel logged in the `trainer.validate` or `trainer.test` just run: every `<stage>/...` value.
+    Outside `fit` the model keeps its values off the loggers (no stray point after the curves), so the call's own
+    return value does not hold them; `trainer.callback_metrics` does."""
     return {
         k: float(v.item() if isinstance(v, torch.Tensor) else v)
         for k, v in trainer.callback_metrics.items()
