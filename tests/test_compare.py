@@ -48,6 +48,22 @@ def test_curves_are_read_per_epoch_without_the_final_validate(two_runs: list[Pat
     assert curves["value"].round(6).tolist() == [1.2, 0.9, 0.7, 0.5]
 
 
+def test_curves_of_the_curves_first_layout_are_read_by_metric_name(tmp_path: Path) -> None:
+    """Runs logged by headstart's TensorBoard logger: tags like curves/loss/val, no `epoch` scalar."""
+    writer = SummaryWriter(str(tmp_path / "run" / "tensorboard"))
+    for epoch, loss in enumerate([0.9, 0.5, 0.3]):
+        step = (epoch + 1) * 5 - 1
+        writer.add_scalar("curves/loss/train", loss + 0.1, step)
+        writer.add_scalar("curves/loss/val", loss, step)
+        writer.add_scalar("metrics/label/f1/val", 1 - loss, step)
+    writer.add_scalar("summary/val/loss", 0.3, 0)
+    writer.close()
+    curves = read_curves(tmp_path / "run", ["val/*"])
+    assert set(curves["metric"]) == {"val/loss", "val/label/f1"}
+    loss = curves[curves["metric"] == "val/loss"]
+    assert loss["epoch"].tolist() == [0, 1, 2] and loss["step"].tolist() == [4, 9, 14]
+
+
 def test_labels_name_the_overrides_that_differ(two_runs: list[Path]) -> None:
     assert run_labels(two_runs) == ["0 optimizer.lr=0.01", "1 optimizer.lr=0.001"]
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from headstart.train.tensorboard import metric_name
+
 log = logging.getLogger(__name__)
 
 __all__ = ["find_curve_runs", "main", "plot_curves", "read_curves", "run_labels"]
@@ -50,25 +52,38 @@ def _events_dir(run: Path) -> Path:
 
 
 def read_curves(run: Path, patterns: list[str]) -> pd.DataFrame:
-    """Scalars of `run` whose tag matches one of `patterns` (fnmatch), with the epoch of each point.
+    """Scalars of `run` whose metric name (`val/loss`, `val/label/acc`: see `metric_name`) matches one of `patterns`
+    (fnmatch), with the epoch of each point.
 
-    Lightning logs `epoch` at the steps where it logs anything, so a point's epoch is the `epoch` value logged at its
-    step. The `validate` and `test` of the best checkpoint after training log once more, one epoch past the last
-    training epoch: those points are left out, the curve is what training saw."""
+    A point's epoch is its training epoch: the rank of its step among the steps of the per-epoch training metrics
+    (validation runs at the end of each training epoch, at the same step). Runs logged before the curves-first
+    layout carry Lightning's `epoch` scalar instead, and the `validate` and `test` of the best checkpoint after
+    training logged there once more, one epoch past the last: those points are left out, the curve is what training
+    saw."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(_events_dir(run)), size_guidance={"scalars": 0})
     events.Reload()
-    tags = events.Tags().get("scalars", [])
+    tags = {metric_name(t): t for t in events.Tags().get("scalars", [])}
     epochs: dict[int, float] = {}
     if "epoch" in tags:
         for e in events.Scalars("epoch"):
             epochs.setdefault(e.step, e.value)
-    trained = [epochs.get(e.step) for t in tags if t.startswith("train/") for e in events.Scalars(t)]
+    else:
+        train_steps = {
+            e.step
+            for name, tag in tags.items()
+            if name.startswith("train/") and not name.endswith("_step")
+            for e in events.Scalars(tag)
+        }
+        epochs = {step: float(k) for k, step in enumerate(sorted(train_steps))}
+    trained = [
+        epochs.get(e.step) for name, t in tags.items() if name.startswith("train/") for e in events.Scalars(t)
+    ]
     last_epoch = max((int(e) for e in trained if e is not None), default=None)
     rows = []
-    for tag in tags:
-        if tag == "epoch" or not any(fnmatch.fnmatchcase(tag, p) for p in patterns):
+    for name, tag in tags.items():
+        if name == "epoch" or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
         seen: set[int] = set()
         for e in events.Scalars(tag):
@@ -79,7 +94,7 @@ def read_curves(run: Path, patterns: list[str]) -> pd.DataFrame:
             seen.add(e.step)
             rows.append(
                 {
-                    "metric": tag,
+                    "metric": name,
                     "epoch": None if epoch is None else int(epoch),
                     "step": e.step,
                     "value": e.value,

@@ -70,6 +70,21 @@ def tensorboard_tag(name: str, headline: str | None = None) -> str:
     return name
 
 
+def metric_name(tag: str) -> str:
+    """The metric a TensorBoard tag shows: the inverse of `tensorboard_tag` for the per-epoch and per-step metrics
+    and the learning rates (`curves/loss/val` -> `val/loss`); any other tag (and a run logged before this layout) as
+    it is."""
+    group, _, rest = tag.partition("/")
+    body, _, split = rest.rpartition("/")
+    if group in ("curves", "metrics") and body and split in SPLITS:
+        return f"{split}/{body}"
+    if group == "steps" and body and split in SPLITS:
+        return f"{split}/{body}_step"
+    if group == "lr" and rest:
+        return "lr-" + rest
+    return tag
+
+
 class CurvesTensorBoardLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger with headstart's layout: tags regrouped by `tensorboard_tag`, and without
     Lightning's `epoch` scalar (a staircase chart; the x axis is the step)."""
