@@ -36,7 +36,7 @@ def _ddp_run(tmp_path: Path, overrides: list[str]) -> tuple[Path, str]:
     assert [p.relative_to(tmp_path) for p in tmp_path.rglob("metrics.json")] == [
         (run / "metrics.json").relative_to(tmp_path)
     ]
-    assert output.count("headstart.train.recipe][INFO] - metrics:") == 1  # only rank 0 records and ships
+    assert output.count("headstart.train.recipe][INFO] - final metrics") == 1  # only rank 0 records and ships
     return run, output
 
 
