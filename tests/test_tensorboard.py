@@ -69,15 +69,28 @@ def test_the_monitored_metric_is_drawn_with_the_curves():
 
 
 def test_hparams_are_the_tuned_few_with_what_a_sweep_set(tmp_path):
-    overrides = ["optimizer.lr=0.01", "model.hidden=[64]", "data.split_seed=3", "paths.root_dir=/x"]
-    cfg = compose_train([*overrides[:3], "finetune=freeze_unfreeze", "backbone.freeze=true"], tmp_path)
+    overrides = [
+        "optimizer.lr=0.01",
+        "model.hidden=[64]",
+        "data.split_seed=3",
+        "paths.root_dir=/x",
+        "cost.latency=false",
+        "+trainer.limit_train_batches=3",
+        "+trainer.gradient_clip_val=1.0",
+    ]
+    cfg = compose_train(
+        [*overrides[:3], *overrides[4:], "finetune=freeze_unfreeze", "backbone.freeze=true"], tmp_path
+    )
     params = tuned_hyperparameters(cfg, overrides)
     assert len(params) <= MAX_HPARAMS
     assert list(params)[:3] == ["base_lr", "weight_decay", "batch_size"]
     assert params["base_lr"] == 0.01 and params["hidden"] == "[64]" and params["freeze"] == "true"
     assert params["finetune"] == "FreezeUnfreeze" and params["optimizer"] == "AdamW"
     assert params["data.split_seed"] == 3  # swept keys beyond the usual ones get a column too
-    assert not any(k.startswith(("paths", "callbacks", "logger", "hydra")) for k in params)
+    assert params["trainer.gradient_clip_val"] == 1.0
+    assert not any(
+        k.startswith(("paths", "callbacks", "logger", "hydra", "cost", "trainer.limit")) for k in params
+    )
     assert all(isinstance(v, int | float | str) and not isinstance(v, bool) for v in params.values())
 
 

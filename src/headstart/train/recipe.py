@@ -478,7 +478,7 @@ def _log_final_hparams(
             logger.experiment.flush()
             log.info(
                 "TensorBoard: tensorboard --logdir %s --samples_per_plugin images=1000 (every epoch's images)",
-                Path(cfg.paths.log_dir),
+                Path(cfg.paths.output_dir).parent,  # this experiment's runs (a sweep's jobs)
             )
         else:
             logger.log_hyperparams(params)

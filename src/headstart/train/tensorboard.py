@@ -25,14 +25,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from headstart.serve.plain import plain
+from headstart.train.reproduce import model_overrides
 
 SPLITS = ("train", "val")
 CURVE_METRICS = ("loss", "acc", "mae")
 # Groups of one value per run: under summary/, which sorts after the curves.
 ONE_OFF_GROUPS = ("test", "cost", "dof")
-# The hyperparameters a person tunes (column: config key). HParams shows the columns whose values differ between the
-# runs first, then by name, and ticks the first five: for a single run augment, backbone, base_lr, batch_size,
-# dropout. base_lr: the head's learning rate (a fine-tuned backbone's is base_lr x finetune.backbone_lr_ratio).
+# The hyperparameters a person tunes (column: config key). HParams lists the columns by name and ticks the first five:
+# augment, backbone, base_lr, batch_size, dropout. base_lr: the head's learning rate (a fine-tuned backbone's is
+# base_lr x finetune.backbone_lr_ratio).
 TUNED = {
     "base_lr": "optimizer.lr",
     "weight_decay": "optimizer.weight_decay",
@@ -47,6 +48,31 @@ TUNED = {
     "seed": "seed",
 }
 MAX_HPARAMS = 25
+# Keys a command line or sweep sets that say how or where a run ran, not what it trains: no HParams column.
+NOT_TUNED = ("name", "tags", "ckpt_path", "resume", "train", "test", "monitor.metric", "monitor.mode")
+NOT_TUNED_PREFIXES = (
+    "logger.",
+    "callbacks.",
+    "cost.",
+    "export.",
+    "extract.",
+    "tune.",
+    "trainer.limit_",
+    "trainer.fast_dev_run",
+    "trainer.devices",
+    "trainer.accelerator",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.enable_",
+    "trainer.log_every_n_steps",
+    "trainer.check_val_every_n_epoch",
+    "trainer.default_root_dir",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.root",
+    "data.csv",
+    "data.on_bad_image",
+)
 
 
 def tensorboard_tag(name: str, headline: str | None = None) -> str:
@@ -109,8 +135,8 @@ class CurvesTensorBoardLogger(TensorBoardLogger):
 def tuned_hyperparameters(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """At most 25 hyperparameters a person tunes, as HParams columns: learning rate (base_lr), weight decay, batch size,
     backbone, freeze and fine-tuning schedule, head widths, dropout, label smoothing, augmentation, epochs, seed,
-    optimizer, scheduler, features, plus every other key a sweep or the command line set (`overrides`: Hydra's
-    task overrides, `key=value`). Values are numbers or strings (a bool as "true"/"false": TensorBoard shows a
+    optimizer, scheduler, features, plus every other key a sweep or the command line set that changes the model
+    (`overrides`: Hydra's task overrides, `key=value`; not where or how the run ran: paths, loggers, export, ...). Values are numbers or strings (a bool as "true"/"false": TensorBoard shows a
     Python bool as 0.0000)."""
     # Not the whole config: `notify` may hold ${oc.env:...} secrets that must never be resolved into a log.
     config = {str(k): plain(cfg[k]) for k in cfg if k not in ("hydra", "paths", "notify")}
@@ -127,13 +153,9 @@ def tuned_hyperparameters(cfg: DictConfig, overrides: list[str] | None = None) -
     out["scheduler"] = _choice(config.get("scheduler"))
     out["features"] = bool(config.get("features"))
     known = set(TUNED.values())
-    for override in overrides or []:
+    for override in model_overrides(overrides or []):
         key, sep, _ = override.lstrip("+~").partition("=")
-        if (
-            not sep
-            or key in known
-            or key.startswith(("hydra.", "paths.", "logger.", "callbacks.", "notify."))
-        ):
+        if not sep or key in known or key in NOT_TUNED or key.startswith(NOT_TUNED_PREFIXES):
             continue
         found, value = _lookup(config, key)
         if found and key not in out:
