@@ -226,7 +226,8 @@ class HeadstartModel(L.LightningModule):
             "metrics": {k: float(v) for k, v in values.items()},
             "confusion": {p: metrics.confusion(p) for p in self.flow.leaf_paths},
         }
-        curves = self.trainer.state.fn == TrainerFn.FITTING  # validate/test after fit: no stray curve point
+        # validate/test after fit: no stray curve point; no logger: nothing to send (Lightning warns otherwise)
+        curves = self.trainer.state.fn == TrainerFn.FITTING and self.trainer.logger is not None
         for k, v in values.items():
             self.log(
                 f"{stage}/{k}",

@@ -54,9 +54,9 @@ def remeasure(
 
     The recorded config is read as data (see `headstart.data.recorded`): nothing it names is built or run."""
     import lightning as L
-    import torch
 
     from headstart.core.model import HeadstartModel
+    from headstart.train.recipe import stage_metrics
 
     model = HeadstartModel.from_checkpoint(checkpoint)
     record = model.run_config
@@ -81,10 +81,8 @@ def remeasure(
         )
         for stage in stages:
             loop = trainer.validate if stage == "val" else trainer.test
-            for result in loop(model, datamodule=datamodule, verbose=False):
-                out.update(
-                    {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in result.items()}
-                )
+            loop(model, datamodule=datamodule, verbose=False)
+            out.update(stage_metrics(trainer, stage))
     return out
 
 
