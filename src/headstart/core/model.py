@@ -169,14 +169,6 @@ class HeadstartModel(L.LightningModule):
         if batch is None:  # every image of the batch was unreadable (and skipped with a warning)
             return None
         features = self.features(batch["inputs"])
-        logits = self.head(features)
-        total, per_task = self.flow.loss(
-            logits,
-            batch["targets"],
-            self._class_weights(),
-            label_smoothing=self.hparams.label_smoothing,
-            weighting=self.weighting,
-        )
         teacher = self.__dict__.get("_teacher")
         distill = None
         if teacher is not None and stage == "train":
@@ -184,16 +176,36 @@ class HeadstartModel(L.LightningModule):
             with torch.no_grad():
                 target = net.to(features.device)(batch["inputs"])
             distill = weight * nn.functional.mse_loss(features, target)
-            total = total + distill
+        return self.head_step(features, batch["targets"], stage, extra_loss=distill)
+
+    def head_step(
+        self,
+        features: torch.Tensor,
+        targets: dict[str, torch.Tensor],
+        stage: str,
+        extra_loss: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The head on a batch of features: its loss (plus `extra_loss`), and the batch counted in the stage's
+        epoch metrics."""
+        logits = self.head(features)
+        total, per_task = self.flow.loss(
+            logits,
+            targets,
+            self._class_weights(),
+            label_smoothing=self.hparams.label_smoothing,
+            weighting=self.weighting,
+        )
+        if extra_loss is not None:
+            total = total + extra_loss
         # Epoch values come from FlowMetrics (one log call per epoch, not per step: Lightning's self.log costs
         # more than a small head's whole step); its epoch loss does not depend on the batching.
         self.metrics[f"{stage}_metrics"].update(
             logits,
-            batch["targets"],
+            targets,
             per_task,
             class_weights=self._class_weights(),
             weighting=self.weighting,
-            extra_loss=distill,
+            extra_loss=extra_loss,
         )
         return total
 
@@ -233,11 +245,11 @@ class HeadstartModel(L.LightningModule):
                 f"{stage}/{k}",
                 v.float(),
                 prog_bar=k in ("loss", "label/acc"),
-                logger=curves and self._charted(k),
+                logger=curves and self.charted(k),
             )
         metrics.reset()
 
-    def _charted(self, name: str) -> bool:
+    def charted(self, name: str) -> bool:
         """Whether an epoch metric goes to the loggers: not the row counts (constants), not the end-to-end accuracy
         of a task without a condition (its accuracy again)."""
         path, _, metric = name.rpartition("/")

@@ -218,6 +218,11 @@ class FeatureDataModule(L.LightningDataModule):
         weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
         return (weights / weights[counts > 0].mean()).tolist()
 
+    def restart(self, seed: int) -> None:
+        """Serve batches from the start again, in the order of `seed` (as a new DataModule over the opened set)."""
+        self.seed = seed
+        self._samplers = {}
+
     def _sampler(self, split: str, shuffle: bool) -> RowBatchSampler:
         key = f"{split}:{shuffle}"
         if key not in self._samplers:

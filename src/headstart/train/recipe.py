@@ -199,7 +199,7 @@ def _train(cfg: DictConfig, extra_callbacks: list[L.Callback]) -> float | None:
             ship_run(cfg, datamodule, best, run_dir, metrics)
         metrics.update(cost.report(model, run_dir, best, loggers))  # latency of the export; cost.json
         write_json(run_dir / "metrics.json", metrics)
-        _log_final_hparams(loggers, cfg, metrics, model.flow)
+        log_final_hparams(loggers, cfg, metrics, model.flow)
         for logger in loggers:  # what was logged after testing (cost/*, dof/*) reaches csv/metrics.csv too
             logger.finalize("success")
     return metrics.get(cfg.monitor.metric)
@@ -452,7 +452,7 @@ HPARAMS_METRICS = ("loss", "acc", "f1", "mae", "e2e_acc")
 HPARAMS_COST = ("cost/params", "cost/macs", "cost/torch_ms", "cost/onnx_ms")
 
 
-def _log_final_hparams(
+def log_final_hparams(
     loggers: list[Logger], cfg: DictConfig, metrics: dict[str, float], flow: TaskFlow
 ) -> None:
     """The run's hyperparameters (those a person tunes, see `tuned_hyperparameters`) with its final metrics and cost:

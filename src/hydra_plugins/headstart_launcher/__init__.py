@@ -1,0 +1,1 @@
+"""headstart's Hydra plugins: the stacked launcher (hydra/launcher=stacked)."""
