@@ -28,6 +28,7 @@ from headstart.ship.shipping import ship_run
 from headstart.train.config import validate_train_config
 from headstart.train.extract import dof_for_config, frozen_backbone
 from headstart.train.loggers import build_loggers
+from headstart.train.reattach import attach_backbone, check_reattached, save_model
 from headstart.train.recipe import (
     build_model,
     check_finite_checkpoint,
@@ -35,7 +36,6 @@ from headstart.train.recipe import (
     conditional_tasks,
     log_final_hparams,
 )
-from headstart.train.reattach import attach_backbone, check_reattached, save_model
 from headstart.train.reports import final_metrics_table, write_task_tables
 from headstart.train.stacked import StackedHeads, Stopping
 from headstart.train.thresholds import tune_on_validation
