@@ -102,7 +102,7 @@ class StackedHeads(L.LightningModule):
         for j, loss, ok in zip(heads, losses, finite, strict=True):
             if not ok:  # this head stops here, its weights as they were before the step
                 self.states[j].failure = (
-                    f"the training loss became {float(loss)} at epoch {self.current_epoch} (step "
+                    f"the training loss became {float(loss.detach())} at epoch {self.current_epoch} (step "
                     f"{self.global_step}): training diverged. Try a lower optimizer.lr"
                 )
                 continue
@@ -129,7 +129,9 @@ class StackedHeads(L.LightningModule):
             model.metrics["val_metrics"].reset()
 
     def _record(self, stage: str) -> None:
-        for j in self._active():
+        # the heads that trained this epoch (one that stopped at its validation still has the epoch's train rows)
+        heads = [j for j, s in enumerate(self.states) if s.active or s.stopped_epoch == self.current_epoch]
+        for j in heads:
             metrics = self.heads[j].metrics[f"{stage}_metrics"]
             values = {f"{stage}/{k}": float(v) for k, v in metrics.compute().items()}
             metrics.reset()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
@@ -54,14 +55,23 @@ class StackedLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info("Launching %d jobs, stacking what can be stacked", len(job_overrides))
         groups: dict[tuple[str, ...], list[tuple[int, DictConfig]]] = {}
+        composed: dict[tuple[str, ...], tuple[DictConfig, list[str]]] = {}
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            key = stacking.group_key(list(overrides))
+            sweep_config = None
+            if key in composed:  # the group's first job, with this job's own head and optimizer values
+                sweep_config = derived_config(*composed[key], list(overrides), stacking)
+            if sweep_config is None:
+                sweep_config = self.hydra_context.config_loader.load_sweep_config(
+                    self.config, list(overrides)
+                )
+                composed.setdefault(key, (sweep_config, list(overrides)))
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = idx
                 sweep_config.hydra.job.num = idx
-            groups.setdefault(stacking.group_key(list(overrides)), []).append((idx, sweep_config))
+            groups.setdefault(key, []).append((idx, sweep_config))
         returns: dict[int, JobReturn] = {}
         for members in groups.values():
             for start in range(0, len(members), self.max_heads):
@@ -138,6 +148,34 @@ class StackedLauncher(Launcher):
 
     def _restore(self) -> None:
         HydraConfig.instance().set_config(self.config)
+
+
+def derived_config(
+    first: DictConfig, first_overrides: list[str], overrides: list[str], stacking: Any
+) -> DictConfig | None:
+    """The config Hydra composes for `overrides`, made from the composed config of `first_overrides` (a job of the
+    same group: the same overrides but for STACKABLE values), so that a group of N jobs is composed once, not N
+    times. None where that is not plainly the same (other keys set, a deletion): then the job is composed."""
+    parser = OverridesParser.create()
+    mine = [o for o in overrides if stacking.override_key(o) in stacking.STACKABLE]
+    theirs = [o for o in first_overrides if stacking.override_key(o) in stacking.STACKABLE]
+    if sorted(map(stacking.override_key, mine)) != sorted(map(stacking.override_key, theirs)):
+        return None
+    parsed = parser.parse_overrides(mine)
+    if any(o.is_delete() or o.is_sweep_override() for o in parsed):
+        return None
+    config = copy.deepcopy(first)
+    with read_write(config), open_dict(config):
+        for o in parsed:
+            OmegaConf.update(config, o.key_or_group, o.value(), merge=False, force_add=True)
+        config.hydra.overrides.task = list(overrides)
+        dirname = config.hydra.job.config.override_dirname
+        exclude = set(dirname.exclude_keys)
+        lines = sorted(
+            o.input_line for o in parser.parse_overrides(overrides) if o.key_or_group not in exclude
+        )
+        config.hydra.job.override_dirname = dirname.item_sep.join(lines).replace("=", dirname.kv_sep)
+    return config
 
 
 class _Writer:
