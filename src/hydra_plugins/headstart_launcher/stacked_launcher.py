@@ -136,13 +136,10 @@ class StackedLauncher(Launcher):
             str(OmegaConf.select(sweep_config, "hydra.sweep.dir")),
             str(OmegaConf.select(sweep_config, "hydra.sweep.subdir")),
         )
-        config = copy.deepcopy(sweep_config)
-        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
-            config.hydra.runtime.output_dir = os.path.abspath(output_dir)
-        HydraConfig.instance().set_config(config)
-        task = copy.deepcopy(config)
-        with read_write(task), open_dict(task):
-            del task["hydra"]
+        with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
+            sweep_config.hydra.runtime.output_dir = os.path.abspath(output_dir)  # as run_job will set it
+        HydraConfig.instance().set_config(sweep_config)
+        task = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])  # a copy
         OmegaConf.resolve(task)
         return task
 
