@@ -114,19 +114,15 @@ class StackedHeads(L.LightningModule):
             with torch.no_grad():
                 self._losses(batch, "val", self._active())
 
+    # Each stage's metrics are reset right after they are computed (`_record`; torchmetrics' reset costs more than a
+    # small head's step, and a stack resets every head's), so the epochs start from empty metrics.
     def on_train_epoch_start(self) -> None:
-        for model in self.heads:
-            model.metrics["train_metrics"].reset()
         optimizer = self.optimizers(use_pl_optimizer=False)
         name = f"lr-{type(optimizer).__name__}"  # what LearningRateMonitor names it for a job alone
         for j in self._active():
             self.states[j].history.setdefault(self.current_epoch, {})[name] = float(
                 optimizer.param_groups[j]["lr"]
             )
-
-    def on_validation_epoch_start(self) -> None:
-        for model in self.heads:
-            model.metrics["val_metrics"].reset()
 
     def _record(self, stage: str) -> None:
         # the heads that trained this epoch (one that stopped at its validation still has the epoch's train rows)
