@@ -105,6 +105,10 @@ def test_the_wheel_installs_commands_that_train_from_any_folder(tmp_path):
         "the wheel's configs"
     )
     assert next(env.glob("lib/python*/site-packages/headstart/py.typed")).is_file()
+    # the stacked launcher: a Hydra plugin in the hydra_plugins namespace, beside the headstart package
+    assert next(
+        env.glob("lib/python*/site-packages/hydra_plugins/headstart_launcher/stacked_launcher.py")
+    ).is_file()
 
     # every command is installed and names its main; one shows its help (each costs a Hydra start)
     script = (
