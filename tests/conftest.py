@@ -115,3 +115,17 @@ def main_job(tmp_path_factory: pytest.TempPathFactory) -> MainJob:
 def digits_run(main_job: MainJob) -> Path:
     """The main job's run directory."""
     return main_job.run
+
+
+@pytest.fixture(scope="session")
+def dog_cat_small_dof(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The DoF set of ../shared/data/dog_cat_small with the pretrained EfficientNet-Lite0 (`extract.py
+    experiment=dog_cat`), extracted once per session for the tests that only read it (skips without the data)."""
+    from headstart.train.extract import extract
+
+    root = shared_data("dog_cat_small")
+    base = tmp_path_factory.mktemp("dog_cat_small_dof")
+    cfg = compose_train(
+        ["experiment=dog_cat", f"data.root={root}", "extract.progress=false"], base, config="extract"
+    )
+    return extract(cfg)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, MainJob, run_script
+from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
@@ -85,27 +86,16 @@ def test_compare_writes_png_and_csv_with_every_point(two_runs: list[Path], tmp_p
         assert image.width > 600 and image.height > 300
 
 
-def test_cli_on_a_real_run_and_its_errors(tmp_path: Path) -> None:
-    run = tmp_path / "outputs" / "digits" / "run"
-    result = run_script(
-        [
-            "train.py",
-            f"paths.root_dir={tmp_path}",
-            f"hydra.run.dir={run}",
-            "trainer.max_epochs=2",
-            "+trainer.limit_train_batches=3",
-            "data.num_workers=0",
-            "export.onnx=false",
-        ],
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_cli_on_a_real_run_and_its_errors(main_job: MainJob, tmp_path: Path) -> None:
+    # the session's main job (conftest), only read: the folder that holds its run, <root>/outputs/digits/<run>
+    outputs = main_job.run.parents[1]
+    epochs = OmegaConf.load(main_job.run / ".hydra" / "config.yaml").trainer.max_epochs
     out = tmp_path / "cmp"
     result = run_script(
         [
             "-m",
             "headstart.tools.compare",
-            str(tmp_path / "outputs"),
+            str(outputs),
             "--metrics",
             "val/loss",
             "--out",
@@ -115,12 +105,10 @@ def test_cli_on_a_real_run_and_its_errors(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(out.with_suffix(".csv"))
-    assert table["epoch"].tolist() == [0, 1] and (table["metric"] == "val/loss").all()
+    assert table["epoch"].tolist() == list(range(epochs)) and (table["metric"] == "val/loss").all()
     assert out.with_suffix(".png").is_file()
 
-    result = run_script(
-        ["-m", "headstart.tools.compare", str(tmp_path / "outputs"), "--metrics", "val/nothing"], cwd=ROOT
-    )
+    result = run_script(["-m", "headstart.tools.compare", str(outputs), "--metrics", "val/nothing"], cwd=ROOT)
     assert result.returncode == 2 and "no run has a scalar matching val/nothing" in result.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
