@@ -97,7 +97,9 @@ class Bench:
         self.accelerator = "gpu" if self.cuda else "cpu"
         self.deadline = time.perf_counter() + args.budget
         self.table = Table()
-        self.root = tiny_tree(Path(args.root), Path(tmp) / "tiny") if args.quick else Path(args.root).resolve()
+        self.root = (
+            tiny_tree(Path(args.root), Path(tmp) / "tiny") if args.quick else Path(args.root).resolve()
+        )
         self.rounds = 1 if args.quick else args.rounds
         # autocast dtypes: CPU autocast runs bfloat16 (float16 on CPU is slow and not what anyone deploys)
         self.autocasts = [("fp32", None), ("bf16 autocast", torch.bfloat16)]
@@ -147,7 +149,9 @@ class Bench:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     # --- 1. extraction against the pure forward --------------------------------------------------------------------
-    def forward_rate(self, backbone: torch.nn.Module, size: int, batch: int, dtype: torch.dtype | None) -> float:
+    def forward_rate(
+        self, backbone: torch.nn.Module, size: int, batch: int, dtype: torch.dtype | None
+    ) -> float:
         """Images/s of the backbone alone on one preloaded batch on the device (at least --seconds of calls)."""
         x = torch.randn(batch, 3, size, size, device=self.device)
         seconds = 0.2 if self.args.quick else self.args.seconds
@@ -191,7 +195,11 @@ class Bench:
                     )
                 extracted.append(n / (time.perf_counter() - t))
             a, b = statistics.median(extracted), statistics.median(pure)
-            how = "extract_dof in torch.autocast (extraction has no precision setting)" if dtype else "extract_dof"
+            how = (
+                "extract_dof in torch.autocast (extraction has no precision setting)"
+                if dtype
+                else "extract_dof"
+            )
             self.table.row(
                 f"{name} extraction vs pure forward, {label}",
                 rate(a, "img/s"),
@@ -285,7 +293,9 @@ class Bench:
         runner = OnnxRunner(path, model.flow.leaf_paths, device=self.device.type)
         provider = runner.session.get_providers()[0]
         if self.cuda and provider != "CUDAExecutionProvider":
-            self.table.row(what, f"n/a: ONNX Runtime's CUDA provider did not load (the session runs {provider})")
+            self.table.row(
+                what, f"n/a: ONNX Runtime's CUDA provider did not load (the session runs {provider})"
+            )
             return
         model = model.to(self.device)
 
@@ -332,7 +342,9 @@ class Bench:
         if result.returncode != 0:
             lines = [x for x in (result.stderr or result.stdout).splitlines() if x.strip()]
             sys.stderr.write(result.stderr[-3000:])
-            raise RuntimeError(f"{' '.join(args[:3])} ... failed: {lines[-1] if lines else result.returncode}")
+            raise RuntimeError(
+                f"{' '.join(args[:3])} ... failed: {lines[-1] if lines else result.returncode}"
+            )
         return time.perf_counter() - t
 
     def sweep(self) -> None:
@@ -356,7 +368,9 @@ class Bench:
         epochs = "1 epoch" if self.args.quick else "the experiment's epochs"
         ref_note = f"basic launcher: {basic_jobs} jobs in {basic_s:.0f} s ({basic_s / basic_jobs:.1f} s/job)"
         if not (ROOT / "conf" / "hydra" / "launcher" / "stacked.yaml").is_file():
-            self.table.row(what, "n/a (no stacked launcher)", f"{basic:.1f} jobs/min", "", f"{ref_note}; {epochs}")
+            self.table.row(
+                what, "n/a (no stacked launcher)", f"{basic:.1f} jobs/min", "", f"{ref_note}; {epochs}"
+            )
             return
         jobs = len(list(itertools.product(*grid.values())))
         stacked_s = self.run_entry(
@@ -426,17 +440,29 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a few images, 1-2 epochs, 1 round")
     parser.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "dog_cat_small"))
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
+    parser.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds (or timed epochs) per measurement")
-    parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per pure-forward measurement")
+    parser.add_argument(
+        "--seconds", type=float, default=1.0, help="timed seconds per pure-forward measurement"
+    )
     parser.add_argument("--rows", type=int, default=50000, help="rows of the synthetic DoF set (row 2)")
-    parser.add_argument("--budget", type=float, default=440, help="seconds; rows not started by then are skipped")
-    parser.add_argument("--only", default="", help="comma-separated sections: extraction,head,images,onnx,sweep")
+    parser.add_argument(
+        "--budget", type=float, default=440, help="seconds; rows not started by then are skipped"
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated sections: extraction,head,images,onnx,sweep"
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no CUDA device (for a CPU smoke run: --device cpu --quick)")
-    if args.quick:
+        parser.error(
+            "--device cuda, but torch sees no CUDA device (for a CPU smoke run: --device cpu --quick)"
+        )
+    if args.quick:  # a smoke check, often on a busy machine: one thread each (OpenMP threads collapse there)
         args.workers = min(args.workers, 2)
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"  # train.py and extract.py subprocesses
 
     header(args)
     L.seed_everything(0, verbose=False)
