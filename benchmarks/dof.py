@@ -8,6 +8,8 @@
     backbone, both through headstart's trainer, and their ratio;
 (d) a DoF epoch through headstart against a bare PyTorch loop over the same in-memory tensors, on a synthetic set of
     --rows rows (per-epoch fixed costs would hide per-step overhead on a 200-image set), and their ratio.
+
+On a CUDA machine, benchmarks/gpu.sh measures (a), (b) and (d) on the GPU (fp32 and fp16/bf16 autocast) in its table.
 """
 
 from __future__ import annotations

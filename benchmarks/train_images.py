@@ -5,6 +5,8 @@ against a bare PyTorch loop over the same model and the same DataLoader, measure
 
 Epochs alternate between the two (A B A B ...) so machine noise hits both; the first epoch of each fit is warm-up
 and not counted. Prints the median images/s of each and the overhead ratio.
+
+On a CUDA machine, benchmarks/gpu.sh measures image training with mixed precision against 32-true.
 """
 
 from __future__ import annotations

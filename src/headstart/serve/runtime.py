@@ -51,10 +51,14 @@ class OnnxRunner:
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: str | Path, tasks: list[str], threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, tasks: list[str], threads: int | None = None, device: str = "cpu"
+    ) -> None:
+        """`device` "cuda" runs on ONNX Runtime's CUDA provider where it is installed (onnxruntime-gpu), else on the
+        CPU: `self.session.get_providers()[0]` says which."""
         self.path = Path(path)
         self.threads = int(threads or default_threads())
-        self.session = ort_session(self.path, self.threads)
+        self.session = ort_session(self.path, self.threads, device)
         self.tasks = list(tasks)
         self._outputs = [FEATURES_NAME, *(logits_name(t) for t in self.tasks)]
 

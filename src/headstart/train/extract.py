@@ -93,6 +93,13 @@ def _distributed_args(cfg: DictConfig) -> dict[str, Any]:
     return {"rank": rank, "world_size": world_size, "merge": merge}
 
 
+def extraction_device(cfg: DictConfig) -> str | None:
+    """The device the backbone extracts on: the CPU when the trainer is told to use it (trainer.accelerator=cpu),
+    else None: a GPU where CUDA is available (per rank on a multi-GPU node), else the CPU."""
+    accelerator = str(cfg.get("trainer", {}).get("accelerator", "auto")).lower()
+    return "cpu" if accelerator == "cpu" else None
+
+
 def _dof_for_config(cfg: DictConfig, distributed: bool = False) -> tuple[Path, bool]:
     ex = cfg.extract
     parts = _distributed_args(cfg) if distributed else {}
@@ -115,6 +122,7 @@ def _dof_for_config(cfg: DictConfig, distributed: bool = False) -> tuple[Path, b
         num_workers=ex.num_workers,
         seed=cfg.seed,
         progress=ex.progress,
+        device=extraction_device(cfg),
         **parts,
     )
 

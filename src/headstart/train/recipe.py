@@ -52,6 +52,7 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
         datamodule = FeatureDataModule(
             path,
             batch_size=cfg.extract.train_batch_size,
+            pin_memory=bool(cfg.data.get("pin_memory", False)),  # page-locked batches: faster copies to a GPU
             seed=cfg.seed,
             memory_budget=cfg.extract.memory_budget,
             folds=cfg.data.get(
