@@ -11,7 +11,8 @@
     and imports are not counted on either side. The ratio is basic over stacked.
 (b) Optuna: `hparams_search=dog_cat_optuna` (TPE, 30 epochs a trial), trials per minute of the sweep's time: --trials
     through the basic launcher (one trial at a time), --stacked-trials through the stacked one with
-    hydra.sweeper.n_jobs=16 (16 trials asked per batch, trained as one stack).
+    hydra.sweeper.n_jobs=16 (16 trials asked per batch, trained as one stack). Optuna writes no multirun.yaml: its
+    sweep time starts at its first log line.
 (c) Synthetic DoF sets of 10,000 and --rows rows x 1,280 fp16 features (in memory): StackedHeads with 1, 8 and 48
     linear heads, 2 epochs at batch 1024; jobs per minute and the process's peak memory (each in its own process).
 The DoF set of (a) and (b) is extracted first (extract.py), so no job pays for it. Say how loaded the machine was.
@@ -22,11 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +40,8 @@ GRID48 = [
 ]
 
 
-def run(args: list[str]) -> float:
-    """Run an entry script in the repository root; its wall time in seconds, or exit on failure."""
-    t = time.perf_counter()
+def run(args: list[str]) -> str:
+    """Run an entry script in the repository root; its console output, or exit on failure."""
     result = subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
@@ -50,16 +52,26 @@ def run(args: list[str]) -> float:
     )
     if result.returncode != 0:
         sys.exit(f"{' '.join(args[:4])} ... failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - t
+    return result.stdout + result.stderr
 
 
-def sweep_seconds(sweep_root: Path) -> tuple[float, int]:
-    """The newest sweep under `sweep_root`: (seconds from multirun.yaml to the last metrics.json, jobs with one)."""
+def sweep_seconds(sweep_root: Path, output: str) -> tuple[float, int]:
+    """The newest sweep under `sweep_root`: (seconds from its start to the last metrics.json, jobs with one). The
+    start is multirun.yaml (a grid: written before Hydra composes the jobs), or else the sweep's first Hydra log
+    line (Optuna writes no multirun.yaml; its first line names the study)."""
     sweep = max((p for p in sweep_root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     done = [p.stat().st_mtime for p in sweep.glob("*/metrics.json")]
     if not done:
         sys.exit(f"{sweep}: no job finished")
-    return max(done) - (sweep / "multirun.yaml").stat().st_mtime, len(done)
+    if (sweep / "multirun.yaml").is_file():
+        start = (sweep / "multirun.yaml").stat().st_mtime
+    else:
+        first = re.search(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+)\]\[HYDRA\]", output, re.MULTILINE)
+        if first is None:
+            sys.exit("no Hydra log line in the sweep's output")
+        stamp = datetime.strptime(first.group(1), "%Y-%m-%d %H:%M:%S")
+        start = stamp.timestamp() + int(first.group(2)) / 1000
+    return max(done) - start, len(done)
 
 
 def synthetic(rows: int, heads: int, epochs: int = 2, dim: int = 1280) -> dict[str, float]:
@@ -154,14 +166,18 @@ def main() -> None:
             "extract.progress=false",
             "++trainer.enable_progress_bar=false",
         ]
-        extract_s = run(["extract.py", "experiment=dog_cat_dof", *common])
+        t = time.perf_counter()
+        run(["extract.py", "experiment=dog_cat_dof", *common])
+        extract_s = time.perf_counter() - t
         print(f"extraction (once, not counted): {extract_s:.1f} s")
         sweeps = Path(tmp) / "multirun" / "dog_cat_dof"
         if not args.skip_grid:
-            run(["train.py", "-m", "experiment=dog_cat_dof", *common, GRID48[0]])
-            basic_s, basic_n = sweep_seconds(sweeps)
-            run(["train.py", "-m", "experiment=dog_cat_dof", "hydra/launcher=stacked", *common, *GRID48])
-            stacked_s, stacked_n = sweep_seconds(sweeps)
+            out = run(["train.py", "-m", "experiment=dog_cat_dof", *common, GRID48[0]])
+            basic_s, basic_n = sweep_seconds(sweeps, out)
+            out = run(
+                ["train.py", "-m", "experiment=dog_cat_dof", "hydra/launcher=stacked", *common, *GRID48]
+            )
+            stacked_s, stacked_n = sweep_seconds(sweeps, out)
             print(
                 f"(a) grid, basic launcher   : {basic_s / basic_n:8.2f} s/job  ({basic_n} jobs in {basic_s:.0f} s)"
             )
@@ -174,9 +190,9 @@ def main() -> None:
             )
         if not args.skip_optuna:
             search = ["train.py", "-m", "hparams_search=dog_cat_optuna", *common]
-            run([*search, f"hydra.sweeper.n_trials={args.trials}"])
-            basic_s, basic_n = sweep_seconds(sweeps)
-            run(
+            out = run([*search, f"hydra.sweeper.n_trials={args.trials}"])
+            basic_s, basic_n = sweep_seconds(sweeps, out)
+            out = run(
                 [
                     *search,
                     "hydra/launcher=stacked",
@@ -184,7 +200,7 @@ def main() -> None:
                     "hydra.sweeper.n_jobs=16",
                 ]
             )
-            stacked_s, stacked_n = sweep_seconds(sweeps)
+            stacked_s, stacked_n = sweep_seconds(sweeps, out)
             basic_rate, stacked_rate = 60 * basic_n / basic_s, 60 * stacked_n / stacked_s
             print(
                 f"(b) Optuna, basic launcher   : {basic_rate:8.1f} trials/min ({basic_n} trials in {basic_s:.0f} s)"

@@ -171,6 +171,7 @@ def _sweep(tmp_path: Path, name: str = "digits") -> Path:
     return sweep
 
 
+@pytest.mark.slow
 def test_a_grid_sweep_stacks_and_each_job_keeps_its_run_directory(tmp_path):
     grid = ["optimizer.lr=1e-3,1e-2", "model.dropout=0.0,0.2"]
     common = ["experiment=digits", "features=true", "trainer.max_epochs=3", "data.num_workers=0"]
@@ -205,13 +206,15 @@ def test_a_grid_sweep_stacks_and_each_job_keeps_its_run_directory(tmp_path):
     assert shipped == [best]  # the stack's best job ships; the others keep their head checkpoints
 
 
-def test_a_stacked_job_reaches_the_test_accuracy_of_the_same_job_alone(tmp_path):
+@pytest.mark.slow
+def test_a_stacked_job_reaches_the_test_accuracy_of_the_same_job_alone(dog_cat_small_dof, tmp_path):
     """On real photos and a pretrained backbone: a job of a stack and the same job trained alone (same seed) agree
     within a point of test accuracy."""
     root = shared_data("dog_cat_small")
     common = [
         "experiment=dog_cat_dof",
         f"data.root={root}",
+        f"extract.path={dog_cat_small_dof}",  # extracted once per session (conftest)
         "trainer.max_epochs=8",
         "export.onnx=false",
         "cost.latency=false",
@@ -232,6 +235,7 @@ def test_a_stacked_job_reaches_the_test_accuracy_of_the_same_job_alone(tmp_path)
     assert abs(alone_acc - stacked["test/label/acc"]) <= 0.01, (alone_acc, stacked["test/label/acc"])
 
 
+@pytest.mark.slow
 def test_an_optuna_search_stacks_each_batch_of_trials(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     args = [
@@ -262,6 +266,7 @@ def test_an_optuna_search_stacks_each_batch_of_trials(tmp_path):
     assert out.count("checked on stored samples") == 1  # the re-attach check: once per set and backbone
 
 
+@pytest.mark.slow
 def test_jobs_on_images_run_one_by_one_and_it_says_so_once(tmp_path):
     data = tmp_path / "data"
     make_tree(data, {"train": {"a": 8, "b": 8}})
