@@ -24,6 +24,15 @@ from headstart.train.stacking import group_key, why_not_stacked
 FLOW = {"tasks": {"label": {"kind": "multiclass", "classes": ["a", "b"]}}}
 
 
+def test_hydra_finds_the_stacked_launcher_in_this_install():
+    # Hydra 1.3 lists the hydra_plugins namespace's folders; an install that hides them (a mapped editable install)
+    # loses the launcher with "Unknown plugin class" only when a sweep starts.
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+
+    assert "StackedLauncher" in [c.__name__ for c in Plugins.instance().discover(Launcher)]
+
+
 # --- which jobs stack ---------------------------------------------------------------------------------------------
 
 

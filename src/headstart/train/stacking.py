@@ -128,7 +128,7 @@ class StackCache:
 
 
 @dataclass
-class Group:
+class TrainedGroup:
     """A trained stack: the jobs' configs, the heads (at their best weights), each job's final metrics, and which
     job is shipped (the best by the monitored metric)."""
 
@@ -156,7 +156,7 @@ def stopping(cfg: DictConfig) -> Stopping | None:
     )
 
 
-def train_group(cfgs: list[DictConfig], jobs: list[str], cache: StackCache) -> Group:
+def train_group(cfgs: list[DictConfig], jobs: list[str], cache: StackCache) -> TrainedGroup:
     """Train the jobs of `cfgs` (resolved job configs of one group, named `jobs`) as one stack, then measure each
     head at its best weights on val and test, one pass of each split for all heads."""
     first = cfgs[0]
@@ -202,10 +202,10 @@ def train_group(cfgs: list[DictConfig], jobs: list[str], cache: StackCache) -> G
     done = [j for j, s in enumerate(stack.states) if s.failure is None and s.best_value is not None]
     sign = 1.0 if first.monitor.mode == "min" else -1.0
     shipped = min(done, key=lambda j: sign * stack.states[j].best_value) if done else None
-    return Group(cfgs, jobs, cache, stack, datamodule, metrics, shipped, trainer.current_epoch, seconds)
+    return TrainedGroup(cfgs, jobs, cache, stack, datamodule, metrics, shipped, trainer.current_epoch, seconds)
 
 
-def write_job(cfg: DictConfig, group: Group, j: int) -> float | None:
+def write_job(cfg: DictConfig, group: TrainedGroup, j: int) -> float | None:
     """Job j's run directory, as the job alone would leave it: its best checkpoint (loads alone, weights_only),
     metrics.json and tables, its logger's events (the curves of every epoch, HParams), and for the group's best job
     the image model, export and bundle. Returns the monitored metric (for the sweeper)."""
@@ -266,7 +266,7 @@ def write_job(cfg: DictConfig, group: Group, j: int) -> float | None:
 
 
 def _ship(
-    cfg: DictConfig, group: Group, head: Any, best: str, run_dir: Path, metrics: dict[str, float]
+    cfg: DictConfig, group: TrainedGroup, head: Any, best: str, run_dir: Path, metrics: dict[str, float]
 ) -> None:
     """The stack's best job as the job alone ships it: the image model (head on its backbone, checked on images
     once per set and backbone), then the export and bundle as configured."""
