@@ -202,7 +202,9 @@ def train_group(cfgs: list[DictConfig], jobs: list[str], cache: StackCache) -> T
     done = [j for j, s in enumerate(stack.states) if s.failure is None and s.best_value is not None]
     sign = 1.0 if first.monitor.mode == "min" else -1.0
     shipped = min(done, key=lambda j: sign * stack.states[j].best_value) if done else None
-    return TrainedGroup(cfgs, jobs, cache, stack, datamodule, metrics, shipped, trainer.current_epoch, seconds)
+    return TrainedGroup(
+        cfgs, jobs, cache, stack, datamodule, metrics, shipped, trainer.current_epoch, seconds
+    )
 
 
 def write_job(cfg: DictConfig, group: TrainedGroup, j: int) -> float | None:
