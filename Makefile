@@ -1,6 +1,7 @@
 # A clone's two commands; each sets up what it needs on a fresh machine (Python 3.11 and make are all it takes):
 #   make train   train the main job: python train.py   (overrides: make train ARGS="experiment=security")
-#   make test    run the tests: python -m pytest         (options:   make test ARGS='-m "not slow"')
+#   make test    run the tests: python -m pytest -n auto (options:   make test ARGS='-m "not slow"')
+#                in parallel over the cores with pytest-xdist, a test file per worker at a time
 # Both use .venv, installed on first use from pyproject.toml with the versions pinned in the lock, and installed
 # again only when pyproject.toml or the lock changes. `make lock` pins the newest releases (docs/development.md).
 
@@ -16,7 +17,7 @@ train: $(INSTALLED)
 	$(VENV)/bin/python train.py $(ARGS)
 
 test: $(INSTALLED)
-	$(VENV)/bin/python -m pytest $(ARGS)
+	$(VENV)/bin/python -m pytest -n auto --dist loadfile $(ARGS)
 
 # The stamp is written last: an interrupted install is finished by the next make.
 $(INSTALLED): pyproject.toml $(LOCK)

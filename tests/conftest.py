@@ -6,17 +6,45 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs `-n auto`), the workers split the cores: each worker's torch, and every
+    script it runs, gets cores / workers threads, so that two workers do not fight over the same cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder `make(folder)` fills once per test run, shared by every pytest-xdist worker (the first worker to
+    need it makes it while the others wait on its lock)."""
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base = base.parent  # the run's temp dir, above each worker's own
+    folder = base / name
+    with FileLock(str(base / f"{name}.lock")):
+        if not (folder / ".done").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            make(folder)
+            (folder / ".done").touch()
+    return folder
 
 
 def shared_data(name: str) -> Path:
@@ -102,13 +130,18 @@ class MainJob:
 
 @pytest.fixture(scope="session")
 def main_job(tmp_path_factory: pytest.TempPathFactory) -> MainJob:
-    """`python train.py` with no arguments (only the output root moved to a temp dir), run once per session and
-    shared by every test that reads what the main job writes or prints."""
-    base = tmp_path_factory.mktemp("main_job")
-    result = run_script(["train.py", f"paths.root_dir={base}"], cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = sorted(p.parent for p in base.glob("outputs/*/*/.hydra"))
-    return MainJob(run=run, output=result.stdout + result.stderr)
+    """`python train.py` with no arguments (only the output root moved to a temp dir), run once per test run and
+    shared by every test that reads what the main job writes or prints (read only: tests run in parallel)."""
+
+    def make(base: Path) -> None:
+        result = run_script(["train.py", f"paths.root_dir={base}"], cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (run,) = sorted(p.parent for p in base.glob("outputs/*/*/.hydra"))
+        (base / "run.txt").write_text(str(run))
+        (base / "output.txt").write_text(result.stdout + result.stderr)
+
+    base = once_per_run(tmp_path_factory, "main_job", make)
+    return MainJob(run=Path((base / "run.txt").read_text()), output=(base / "output.txt").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -124,8 +157,11 @@ def dog_cat_small_dof(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from headstart.train.extract import extract
 
     root = shared_data("dog_cat_small")
-    base = tmp_path_factory.mktemp("dog_cat_small_dof")
-    cfg = compose_train(
-        ["experiment=dog_cat", f"data.root={root}", "extract.progress=false"], base, config="extract"
-    )
-    return extract(cfg)
+
+    def make(base: Path) -> None:
+        cfg = compose_train(
+            ["experiment=dog_cat", f"data.root={root}", "extract.progress=false"], base, config="extract"
+        )
+        (base / "set.txt").write_text(str(extract(cfg)))
+
+    return Path((once_per_run(tmp_path_factory, "dog_cat_small_dof", make) / "set.txt").read_text())

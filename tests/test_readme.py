@@ -53,13 +53,13 @@ def test_make_installs_on_first_use_then_only_when_pyproject_or_the_lock_changes
     assert f"python3.11 -m venv {venv}" in first[0]
     assert any(f'pip install -c {LOCK} -e ".[dev]"' in c for c in first), "installs .[dev] with the lock"
     assert first[-1] == f"{venv}/bin/python train.py", "then trains the main job"
-    assert _make_dry_run("test", venv)[-1] == f"{venv}/bin/python -m pytest"
+    assert _make_dry_run("test", venv)[-1] == f"{venv}/bin/python -m pytest -n auto --dist loadfile"
 
     venv.mkdir()
     stamp = venv / ".installed"
     stamp.touch()  # installed, newer than pyproject.toml and the lock: nothing to install
     assert _make_dry_run("train", venv) == [f"{venv}/bin/python train.py"]
-    assert _make_dry_run("test", venv) == [f"{venv}/bin/python -m pytest"]
+    assert _make_dry_run("test", venv) == [f"{venv}/bin/python -m pytest -n auto --dist loadfile"]
 
     for changed in ("pyproject.toml", LOCK):
         older = (ROOT / changed).stat().st_mtime - 10

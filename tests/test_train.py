@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -167,8 +168,11 @@ def test_a_trained_backbone_is_the_frozen_core_of_the_next_run(digits_run, tmp_p
 
 
 @pytest.mark.slow
-def test_resume_latest_continues_the_newest_run(digits_run):
-    base = digits_run.parents[2]
+def test_resume_latest_continues_the_newest_run(digits_run, tmp_path):
+    # a copy of the main job's output root: the main job is shared, read only, by tests running in parallel
+    shutil.copytree(digits_run.parents[2], tmp_path / "root")
+    base = tmp_path / "root"
+    digits_run = base / digits_run.relative_to(digits_run.parents[2])
     result = run_script(
         ["train.py", f"paths.root_dir={base}", "resume=latest", "trainer.max_epochs=16", "test=false"],
         cwd=ROOT,
