@@ -199,8 +199,10 @@ def test_a_grid_sweep_stacks_and_each_job_keeps_its_run_directory(tmp_path):
         run = sweep / job
         overrides = dict(o.split("=", 1) for o in OmegaConf.load(run / ".hydra" / "overrides.yaml"))
         metrics = json.loads((run / "metrics.json").read_text())
-        assert {"val/loss", "test/label/acc"} <= set(metrics)
+        assert {"val/loss", "test/label/acc", "cost/params", "cost/macs", "dof/benefit_ratio"} <= set(metrics)
+        assert metrics["cost/macs"] > 0 and 0 < metrics["dof/benefit_ratio"] < 1
         assert (run / "val_metrics.md").is_file() and (run / "test_metrics.csv").is_file()
+        cost = json.loads((run / "cost.json").read_text())
         model = HeadstartModel.from_checkpoint(run / "checkpoints" / "best.ckpt")  # alone, weights_only
         assert model.hparams.head["dropout"] == float(overrides["model.dropout"])
         assert model.run_config["optimizer"]["lr"] == float(overrides["optimizer.lr"])
@@ -211,6 +213,9 @@ def test_a_grid_sweep_stacks_and_each_job_keeps_its_run_directory(tmp_path):
         if (run / "checkpoints" / "image_model.ckpt").is_file():
             shipped.append(job)
             assert (run / "model.onnx").is_file() and (run / "bundle").is_dir()
+            assert cost["latency"]["onnx"]["p50_ms"] > 0  # the shipped job's export is timed, as alone
+        else:
+            assert "latency" not in cost
     best = str(summary.iloc[0]["job"])
     assert shipped == [best]  # the stack's best job ships; the others keep their head checkpoints
 

@@ -222,10 +222,12 @@ class CostReport(L.Callback):
     ) -> dict[str, float]:
         """Measure latency, write `run_dir/cost.json`, log the table (and to TensorBoard); return the metrics.json
         keys: cost/params, cost/params_trainable, cost/macs, and cost/torch_ms, cost/onnx_ms when measured."""
-        shipped = self._shipped(model, run_dir, best)
+        # Counted once per report object: the stacked launcher shares one among jobs of the same architecture.
+        needed = self._counts is None or self.latency
+        shipped = self._shipped(model, run_dir, best) if needed else None
         cost = dict(self.counts(model, shipped))
         values: dict[str, float] = {f"cost/{k}": cost[k] for k in ("params", "params_trainable", "macs")}
-        if self.latency:
+        if shipped is not None and self.latency:
             cost["latency"] = self._latency(shipped, run_dir / "model.onnx")
             for key, timing in cost["latency"].items():
                 if isinstance(timing, dict):

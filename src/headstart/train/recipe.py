@@ -184,7 +184,7 @@ def _train(cfg: DictConfig, extra_callbacks: list[L.Callback]) -> float | None:
         )
         metrics.update(stage_metrics(trainer, "test"))
     if on_features and trainer.is_global_zero and not trainer.fast_dev_run:
-        metrics.update(_dof_benefit(datamodule, timer, loggers))
+        metrics.update(log_dof_benefit(datamodule, timer.epoch_seconds, timer.step_seconds, loggers))
         _reattach(cfg, datamodule, best, run_dir)
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)  # fast_dev_run too: what the sweep summary reads
@@ -383,20 +383,24 @@ def _tune_thresholds(model: HeadstartModel, datamodule: L.LightningDataModule, b
         log.info("thresholds tuned on validation: %s", tuned)
 
 
-def _dof_benefit(
-    datamodule: FeatureDataModule, timer: EpochCostTimer, loggers: list[Logger]
+def log_dof_benefit(
+    datamodule: FeatureDataModule,
+    epoch_seconds: list[float],
+    step_seconds: list[float],
+    loggers: list[Logger],
 ) -> dict[str, float]:
-    """The DoF formulas with this run's measured epoch costs and the extraction's, printed and logged."""
-    if not timer.epoch_seconds:
+    """The DoF formulas with this run's measured epoch costs (EpochCostTimer's: each training epoch's wall time and
+    the part spent in its steps) and the extraction's, printed and logged."""
+    if not epoch_seconds:
         return {}
     stats = datamodule.dof.manifest.get("stats", {})
-    epoch = float(np.median(timer.epoch_seconds))
-    steps = float(np.median(timer.step_seconds))
+    epoch = float(np.median(epoch_seconds))
+    steps = float(np.median(step_seconds))
     values = dof_benefit(
         hnct=float(stats.get("hnct_seconds_per_epoch") or float("nan")),
         holt=max(epoch - steps, 0.0),
         tnct=steps,
-        epochs=len(timer.epoch_seconds),
+        epochs=len(epoch_seconds),
         image_bytes=float(stats.get("image_bytes_mean", 0.0)),
         image_count=int(stats.get("image_count", 0)),
         feature_bytes=float(stats.get("feature_bytes_per_sample", 0.0)),

@@ -9,6 +9,7 @@ the whole sweep, so an Optuna search that asks for trials batch by batch pays fo
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from headstart.errors import DivergedError
 from headstart.runs import fail_run_dir, recorded_config, write_json
 from headstart.serve.plain import plain
 from headstart.ship.shipping import ship_run
+from headstart.train.callbacks import EpochCostTimer
 from headstart.train.config import validate_train_config
+from headstart.train.cost import CostReport
 from headstart.train.extract import dof_for_config, frozen_backbone
 from headstart.train.loggers import build_loggers
 from headstart.train.reattach import attach_backbone, check_reattached, save_model
@@ -34,6 +37,7 @@ from headstart.train.recipe import (
     check_finite_checkpoint,
     check_trainable,
     conditional_tasks,
+    log_dof_benefit,
     log_final_hparams,
 )
 from headstart.train.reports import final_metrics_table, write_task_tables
@@ -93,6 +97,7 @@ class StackCache:
     datamodules: dict[tuple, FeatureDataModule] = field(default_factory=dict)
     backbones: dict[str, Backbone] = field(default_factory=dict)
     reattached: set[tuple[str, str]] = field(default_factory=set)
+    costs: dict[str, CostReport] = field(default_factory=dict)
 
     def datamodule(self, cfg: DictConfig) -> FeatureDataModule:
         path, _ = dof_for_config(cfg)
@@ -126,6 +131,17 @@ class StackCache:
             self.backbones[name] = frozen_backbone(cfg)
         return self.backbones[name]
 
+    def cost(self, cfg: DictConfig) -> CostReport:
+        """The cost report (params, MACs; no latency) shared by the jobs whose image models are built alike: the
+        same backbone and head, whatever their dropout or label smoothing."""
+        model = {k: v for k, v in plain(cfg.model).items() if k not in ("dropout", "label_smoothing")}
+        key = json.dumps([plain(cfg.backbone), model], sort_keys=True, default=str)
+        if key not in self.costs:
+            self.costs[key] = CostReport(
+                **{**plain(cfg.cost), "latency": False}, backbone=plain(cfg.backbone)
+            )
+        return self.costs[key]
+
 
 @dataclass
 class TrainedGroup:
@@ -141,6 +157,7 @@ class TrainedGroup:
     shipped: int | None
     epochs: int
     train_seconds: float
+    timer: EpochCostTimer  # the stack's epochs: each job's DoF figures take its share
 
 
 def stopping(cfg: DictConfig) -> Stopping | None:
@@ -179,10 +196,11 @@ def train_group(cfgs: list[DictConfig], jobs: list[str], cache: StackCache) -> T
         mode=first.monitor.mode,
         stopping=stopping(first),
     )
+    timer = EpochCostTimer()
     trainer: L.Trainer = instantiate(
         first.trainer,
         default_root_dir=str(Path(first.paths.output_dir).parent),
-        callbacks=[],
+        callbacks=[timer],
         logger=False,
         enable_checkpointing=False,
     )
@@ -203,7 +221,7 @@ def train_group(cfgs: list[DictConfig], jobs: list[str], cache: StackCache) -> T
     sign = 1.0 if first.monitor.mode == "min" else -1.0
     shipped = min(done, key=lambda j: sign * stack.states[j].best_value) if done else None
     return TrainedGroup(
-        cfgs, jobs, cache, stack, datamodule, metrics, shipped, trainer.current_epoch, seconds
+        cfgs, jobs, cache, stack, datamodule, metrics, shipped, trainer.current_epoch, seconds, timer
     )
 
 
@@ -247,6 +265,16 @@ def write_job(cfg: DictConfig, group: TrainedGroup, j: int) -> float | None:
             state.stopped_epoch,
         )
     metrics = group.metrics[j]
+    heads = len(group.cfgs)
+    log.info("stacked: the DoF figures below take this job's share (1/%d) of the stack's epoch costs", heads)
+    metrics.update(
+        log_dof_benefit(
+            group.datamodule,
+            [s / heads for s in group.timer.epoch_seconds],
+            [s / heads for s in group.timer.step_seconds],
+            loggers,
+        )
+    )
     write_json(run_dir / "metrics.json", metrics)
     kinds = {path: task.kind for path, task in model.flow.tasks.items()}
     for stage in ("val", "test"):
@@ -255,12 +283,18 @@ def write_job(cfg: DictConfig, group: TrainedGroup, j: int) -> float | None:
     log.info("final metrics (metrics.json):\n%s", final_metrics_table(metrics, conditional_tasks(model.flow)))
     if j == group.shipped and best:
         _ship(cfg, group, model, best, run_dir, metrics)
-    elif best:
-        log.info(
-            "not shipped: the stacked launcher ships the best job of each stack (job %s); to ship this one, "
-            "train it alone (its overrides in .hydra/overrides.yaml)",
-            group.jobs[group.shipped] if group.shipped is not None else "none",
-        )
+        cost = CostReport(**plain(cfg.cost), backbone=plain(cfg.backbone))  # latency of the export too
+    else:
+        if best:
+            log.info(
+                "not shipped: the stacked launcher ships the best job of each stack (job %s); to ship this one, "
+                "train it alone (its overrides in .hydra/overrides.yaml); its cost.json has params and MACs, "
+                "latency is measured on the shipped job",
+                group.jobs[group.shipped] if group.shipped is not None else "none",
+            )
+        cost = group.cache.cost(cfg)
+    metrics.update(cost.report(model, run_dir, best, loggers))
+    write_json(run_dir / "metrics.json", metrics)
     log_final_hparams(loggers, cfg, metrics, model.flow)
     for logger in loggers:
         logger.finalize("success")
