@@ -184,6 +184,7 @@ def _sweep(tmp_path: Path, name: str = "digits") -> Path:
 def test_a_grid_sweep_stacks_and_each_job_keeps_its_run_directory(tmp_path):
     grid = ["optimizer.lr=1e-3,1e-2", "model.dropout=0.0,0.2"]
     common = ["experiment=digits", "features=true", "trainer.max_epochs=3", "data.num_workers=0"]
+    common.append("trainer.log_every_n_steps=1")
     result = run_script(
         ["train.py", "-m", *common, "hydra/launcher=stacked", *grid, f"paths.root_dir={tmp_path}"], cwd=ROOT
     )
@@ -209,6 +210,9 @@ def test_a_grid_sweep_stacks_and_each_job_keeps_its_run_directory(tmp_path):
         events = EventAccumulator(str(run / "tensorboard"))
         events.Reload()
         assert len(events.Scalars("curves/loss/val")) == 3 and len(events.Scalars("lr/AdamW")) == 3
+        steps = [e.step for e in events.Scalars("steps/loss/train")]  # every log_every_n_steps (1), as alone
+        assert steps == list(range(len(steps))) and len(steps) % 3 == 0 and len(steps) >= 3
+        assert len(events.Scalars("time/train_epoch_s")) == 3
         assert "trained side by side with 3 other jobs" in (run / "train.log").read_text()
         if (run / "checkpoints" / "image_model.ckpt").is_file():
             shipped.append(job)

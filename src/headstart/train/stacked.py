@@ -41,6 +41,7 @@ class HeadState:
     lr: float
     weight_decay: float
     history: dict[int, dict[str, float]] = field(default_factory=dict)
+    steps: dict[int, float] = field(default_factory=dict)  # the training loss every log_every_n_steps steps
     best_value: float | None = None
     best_epoch: int | None = None
     best_step: int = 0
@@ -97,10 +98,15 @@ class StackedHeads(L.LightningModule):
         if batch is None or not heads:
             return None
         losses = self._losses(batch, "train", heads)
-        finite = torch.isfinite(torch.stack([loss.detach() for loss in losses])).tolist()  # one sync per step
+        values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # one sync per step
+        # as a job alone charts train/loss_step: its model logs it at these batches, Lightning writes it at these steps
+        every = self.trainer.log_every_n_steps
+        charted = batch_idx % every == 0 and (self.global_step + 1) % every == 0
         total = None
-        for j, loss, ok in zip(heads, losses, finite, strict=True):
-            if not ok:  # this head stops here, its weights as they were before the step
+        for j, loss, value in zip(heads, losses, values, strict=True):
+            if charted:
+                self.states[j].steps[self.global_step] = value
+            if not math.isfinite(value):  # this head stops here, its weights as they were before the step
                 self.states[j].failure = (
                     f"the training loss became {float(loss.detach())} at epoch {self.current_epoch} (step "
                     f"{self.global_step}): training diverged. Try a lower optimizer.lr"

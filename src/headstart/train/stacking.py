@@ -246,12 +246,18 @@ def write_job(cfg: DictConfig, group: TrainedGroup, j: int) -> float | None:
         best = str(save_model(model, run_dir / "checkpoints" / "best.ckpt"))
         check_finite_checkpoint(best)
     loggers = build_loggers(cfg)
+    epoch_seconds = group.timer.epoch_seconds
     for epoch in sorted(state.history):
         row = dict(state.history[epoch])
         step = int(row.pop("step", 0))
         values = {k: v for k, v in row.items() if k.startswith("lr-") or model.charted(k.split("/", 1)[1])}
+        if epoch < len(epoch_seconds):  # this job's share of the stack's epoch
+            values["time/train_epoch_s"] = epoch_seconds[epoch] / len(group.cfgs)
         for logger in loggers:
             logger.log_metrics(values, step=step)
+    for step, loss in sorted(state.steps.items()):
+        for logger in loggers:
+            logger.log_metrics({"train/loss_step": loss}, step=step)
     if state.failure is not None:
         for logger in loggers:
             logger.finalize("failed")
