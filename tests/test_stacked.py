@@ -212,6 +212,13 @@ def test_a_grid_sweep_stacks_and_each_job_keeps_its_run_directory(tmp_path):
         assert len(events.Scalars("curves/loss/val")) == 3 and len(events.Scalars("lr/AdamW")) == 3
         steps = [e.step for e in events.Scalars("steps/loss/train")]  # every log_every_n_steps (1), as alone
         assert steps == list(range(len(steps))) and len(steps) % 3 == 0 and len(steps) >= 3
+        per_epoch = (
+            len(steps) // 3
+        )  # charted where a job alone charts them: epoch ends, and lr at epoch starts
+        assert [e.step for e in events.Scalars("curves/loss/val")] == [
+            per_epoch * (e + 1) - 1 for e in range(3)
+        ]
+        assert [e.step for e in events.Scalars("lr/AdamW")] == [per_epoch * e for e in range(3)]
         assert len(events.Scalars("time/train_epoch_s")) == 3
         assert "trained side by side with 3 other jobs" in (run / "train.log").read_text()
         if (run / "checkpoints" / "image_model.ckpt").is_file():

@@ -126,9 +126,9 @@ class StackedHeads(L.LightningModule):
         optimizer = self.optimizers(use_pl_optimizer=False)
         name = f"lr-{type(optimizer).__name__}"  # what LearningRateMonitor names it for a job alone
         for j in self._active():
-            self.states[j].history.setdefault(self.current_epoch, {})[name] = float(
-                optimizer.param_groups[j]["lr"]
-            )
+            row = self.states[j].history.setdefault(self.current_epoch, {})
+            row[name] = float(optimizer.param_groups[j]["lr"])
+            row["lr_step"] = self.global_step  # where LearningRateMonitor charts it for a job alone
 
     def _record(self, stage: str) -> None:
         # the heads that trained this epoch (one that stopped at its validation still has the epoch's train rows)
@@ -139,7 +139,7 @@ class StackedHeads(L.LightningModule):
             metrics.reset()
             row = self.states[j].history.setdefault(self.current_epoch, {})
             row.update(values)
-            row["step"] = self.global_step
+            row["step"] = max(self.global_step - 1, 0)  # where Lightning charts a job alone's epoch metrics
 
     def on_train_epoch_end(self) -> None:
         self._record("train")

@@ -249,8 +249,13 @@ def write_job(cfg: DictConfig, group: TrainedGroup, j: int) -> float | None:
     epoch_seconds = group.timer.epoch_seconds
     for epoch in sorted(state.history):
         row = dict(state.history[epoch])
-        step = int(row.pop("step", 0))
-        values = {k: v for k, v in row.items() if k.startswith("lr-") or model.charted(k.split("/", 1)[1])}
+        step, lr_step = int(row.pop("step", 0)), int(row.pop("lr_step", 0))
+        rates = {k: v for k, v in row.items() if k.startswith("lr-")}
+        for logger in loggers:
+            logger.log_metrics(rates, step=lr_step)
+        values = {
+            k: v for k, v in row.items() if not k.startswith("lr-") and model.charted(k.split("/", 1)[1])
+        }
         if epoch < len(epoch_seconds):  # this job's share of the stack's epoch
             values["time/train_epoch_s"] = epoch_seconds[epoch] / len(group.cfgs)
         for logger in loggers:
