@@ -246,7 +246,8 @@ def write_job(cfg: DictConfig, group: TrainedGroup, j: int) -> float | None:
         best = str(save_model(model, run_dir / "checkpoints" / "best.ckpt"))
         check_finite_checkpoint(best)
     loggers = build_loggers(cfg)
-    epoch_seconds = group.timer.epoch_seconds
+    heads = len(group.cfgs)  # each job's share of the stack's epoch costs is 1 / heads
+    epoch_seconds = [s / heads for s in group.timer.epoch_seconds]
     for epoch in sorted(state.history):
         row = dict(state.history[epoch])
         step, lr_step = int(row.pop("step", 0)), int(row.pop("lr_step", 0))
@@ -256,8 +257,8 @@ def write_job(cfg: DictConfig, group: TrainedGroup, j: int) -> float | None:
         values = {
             k: v for k, v in row.items() if not k.startswith("lr-") and model.charted(k.split("/", 1)[1])
         }
-        if epoch < len(epoch_seconds):  # this job's share of the stack's epoch
-            values["time/train_epoch_s"] = epoch_seconds[epoch] / len(group.cfgs)
+        if epoch < len(epoch_seconds):
+            values["time/train_epoch_s"] = epoch_seconds[epoch]
         for logger in loggers:
             logger.log_metrics(values, step=step)
     for step, loss in sorted(state.steps.items()):
@@ -276,16 +277,9 @@ def write_job(cfg: DictConfig, group: TrainedGroup, j: int) -> float | None:
             state.stopped_epoch,
         )
     metrics = group.metrics[j]
-    heads = len(group.cfgs)
     log.info("stacked: the DoF figures below take this job's share (1/%d) of the stack's epoch costs", heads)
-    metrics.update(
-        log_dof_benefit(
-            group.datamodule,
-            [s / heads for s in group.timer.epoch_seconds],
-            [s / heads for s in group.timer.step_seconds],
-            loggers,
-        )
-    )
+    step_seconds = [s / heads for s in group.timer.step_seconds]
+    metrics.update(log_dof_benefit(group.datamodule, epoch_seconds, step_seconds, loggers))
     write_json(run_dir / "metrics.json", metrics)
     kinds = {path: task.kind for path, task in model.flow.tasks.items()}
     for stage in ("val", "test"):
