@@ -48,3 +48,20 @@ def test_model_needs_a_backbone_or_a_feature_size():
 def test_bad_flow_is_a_config_error():
     with pytest.raises(ConfigError, match="flow: task 'label'"):
         HeadstartModel(flow={"tasks": {"label": {"kind": "multiclass"}}}, optimizer=ADAMW, feature_dim=4)
+
+
+def test_plain_attributes_set_directly_and_modules_still_register_and_unregister():
+    """PlainAttributes takes nn.Module's checks off plain values only: what Lightning sets around its hooks; modules,
+    parameters and their removal (assigning None) still go through nn.Module."""
+    model = HeadstartModel(flow=FLOW, feature_dim=8)
+    model._current_fx_name = "training_step"
+    assert model.__dict__["_current_fx_name"] == "training_step"
+    model.automatic_optimization = False  # a property with a setter: still called
+    assert model.automatic_optimization is False
+    model.extra = torch.nn.Linear(2, 2)
+    assert "extra" in model._modules and "extra" not in model.__dict__
+    model.extra = None  # a registered submodule set to None stays a module slot, as nn.Module does it
+    assert model._modules["extra"] is None
+    before = sum(p.numel() for p in model.parameters())
+    model.head = None
+    assert sum(p.numel() for p in model.parameters()) < before and "head" not in model.__dict__

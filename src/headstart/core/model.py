@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from headstart.core.attributes import PlainAttributes
 from headstart.core.backbones import Backbone, build_backbone
 from headstart.core.transforms import InputTransform
 from headstart.errors import ConfigError
@@ -21,7 +22,7 @@ STAGES = ("train", "val", "test")
 CONFIG_KEY = "headstart_config"
 
 
-class HeadstartModel(L.LightningModule):
+class HeadstartModel(PlainAttributes, L.LightningModule):
     """Backbone (optional) -> FlowHead -> {task: logits}.
 
     Every constructor argument is plain data (names, numbers, dicts), so checkpoints load with

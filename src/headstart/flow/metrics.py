@@ -29,12 +29,11 @@ more than one task):
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, SumMetric
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -94,26 +93,20 @@ class FlowMetrics(nn.Module):
         self.flush_every = flush_every
         self.scores = nn.ModuleDict()
         self.aurocs = nn.ModuleDict()
-        self.positives = nn.ModuleDict()
         self.confusions = nn.ModuleDict()
-        self.counts = nn.ModuleDict()
-        self.nan_rows = nn.ModuleDict()
-        self.e2e_right = nn.ModuleDict()
-        self.e2e_rows = nn.ModuleDict()
-        self.loss_sums = nn.ModuleDict()
-        self.loss_denominators = nn.ModuleDict()
         for path, task in flow.tasks.items():
             k = module_key(path)
             self.scores[k] = _scores(task)
-            for sums in self._sums():
-                sums[k] = _sum()
             if task.kind == "binary":
                 self.aurocs[k] = BinaryAUROC()
-                self.positives[k] = _sum()
             if task.kind == "multiclass":
                 self.confusions[k] = MulticlassConfusionMatrix(len(task.classes))
-        self.extra_sum = _sum()
-        self.rows = _sum()
+        self._row_of = {path: i for i, path in enumerate(flow.tasks)}
+        # The epoch's sums, one row per task (columns: _SUMS) and one for the flow: plain tensors added to in place
+        # (a torchmetrics SumMetric per number cost more than a small head's step to update and reset), summed across
+        # processes in one collective at compute. Not in state_dict: a checkpoint holds no epoch in progress.
+        self.register_buffer("sums", torch.zeros(len(flow.tasks), len(_SUMS)), persistent=False)
+        self.register_buffer("flow_sums", torch.zeros(len(_FLOW_SUMS)), persistent=False)
         # The loss weighting a step used (an UncertaintyWeighting), kept out of this module's children: its
         # parameters belong to the model, not to the metrics' state.
         self.__dict__["_weighting"] = None
@@ -183,17 +176,25 @@ class FlowMetrics(nn.Module):
         for path, task in self.flow.tasks.items():
             k, mask, target = module_key(path), masks[path], targets[path]
             value = task.decode(logits[path], self.flow.thresholds.get(path))
-            self.counts[k].update(mask.sum())
             nan = torch.isnan(logits[path])
-            self.nan_rows[k].update((nan.flatten(1).any(1) if nan.dim() > 1 else nan).sum())
             if bool(mask.any()):
                 self._update_scores(task, k, logits[path][mask], value[mask], target[mask])
             rows = known[path] & (~holds[path] | mask)
             right = (predicted[path] == holds[path]) & (
                 ~holds[path] | task.correct(value, target, self.tolerance)
             )
-            self.e2e_rows[k].update(rows.sum())
-            self.e2e_right[k].update((right & rows).sum())
+            counted = torch.stack(
+                [
+                    mask.sum(),
+                    (nan.flatten(1).any(1) if nan.dim() > 1 else nan).sum(),
+                    (right & rows).sum(),
+                    rows.sum(),
+                    (target > 0.5).logical_and(mask).sum()
+                    if task.kind == "binary"
+                    else mask.new_zeros(()).long(),
+                ]
+            )
+            self.sums[self._row_of[path], : len(counted)] += counted.to(self.sums.dtype)
 
     def _update_scores(
         self, task: Task, k: str, logits: torch.Tensor, value: torch.Tensor, target: torch.Tensor
@@ -202,7 +203,6 @@ class FlowMetrics(nn.Module):
             truth = (target > 0.5).long()
             self.scores[k].update(value.long(), truth)
             self.aurocs[k].update(task.probabilities(logits), truth)
-            self.positives[k].update(truth.sum())
         elif task.kind == "multiclass":
             truth = target.long()
             self.scores[k].update(logits.float(), truth)
@@ -216,12 +216,11 @@ class FlowMetrics(nn.Module):
     def _flush(self) -> None:
         self._flush_rows()
         for path, (weighted, amount) in self._loss_pending.items():
-            self.loss_sums[module_key(path)].update(weighted)
-            self.loss_denominators[module_key(path)].update(amount)
+            self.sums[self._row_of[path], _LOSS_SUM] += weighted.to(self.sums.dtype)
+            self.sums[self._row_of[path], _LOSS_AMOUNT] += amount.to(self.sums.dtype)
         if self._extra_pending is not None:
-            self.extra_sum.update(self._extra_pending)
-        if self._rows_pending:
-            self.rows.update(torch.tensor(float(self._rows_pending), device=self.rows.device))
+            self.flow_sums[_EXTRA] += self._extra_pending.to(self.flow_sums.dtype)
+        self.flow_sums[_ROWS] += float(self._rows_pending)
         self._loss_pending, self._extra_pending, self._rows_pending = {}, None, 0
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -229,18 +228,16 @@ class FlowMetrics(nn.Module):
         self._flush()
         out: dict[str, torch.Tensor] = {}
         task_losses: dict[str, torch.Tensor] = {}
+        sums, flow_sums = _totals(self.sums), _totals(self.flow_sums)
         for path, task in self.flow.tasks.items():
             k = module_key(path)
-            # Every rank computes every sum, in the same order: each compute is a collective under DDP.
-            count, nan_rows = _total(self.counts[k]), _total(self.nan_rows[k])
-            loss_sum, amount = _total(self.loss_sums[k]), _total(self.loss_denominators[k])
-            e2e_right, e2e_rows = _total(self.e2e_right[k]), _total(self.e2e_rows[k])
+            count, nan_rows, e2e_right, e2e_rows, positives, loss_sum, amount = sums[self._row_of[path]]
             out[f"{path}/count"] = count
             if not count > 0:
                 continue
             if amount > 0:
                 task_losses[path] = loss_sum / amount
-            scores = self._task_scores(task, k, count)
+            scores = self._task_scores(task, k, count, positives)
             if e2e_rows > 0:
                 scores[f"{path}/e2e_acc"] = e2e_right / e2e_rows
             if nan_rows > 0:
@@ -248,7 +245,7 @@ class FlowMetrics(nn.Module):
             out.update(scores)
         if len(self.flow.tasks) > 1:
             out.update({f"{path}/loss": loss for path, loss in task_losses.items()})
-        rows, extra = _total(self.rows), _total(self.extra_sum)
+        extra, rows = flow_sums
         if task_losses:
             out["loss"] = self._flow_loss(task_losses) + (extra / rows if rows > 0 else 0.0)
         return {name: value.float() if value.dtype != torch.bool else value for name, value in out.items()}
@@ -263,7 +260,9 @@ class FlowMetrics(nn.Module):
         with torch.no_grad():
             return weighting(task_losses, dict.fromkeys(task_losses, True), weights).detach()
 
-    def _task_scores(self, task: Task, k: str, count: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _task_scores(
+        self, task: Task, k: str, count: torch.Tensor, positives: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         values = self.scores[k].compute()
         out = {
             f"{task.path}/{name}": v
@@ -271,7 +270,6 @@ class FlowMetrics(nn.Module):
             if not (task.kind == "multilabel" and name == "f1")
         }
         if task.kind == "binary":
-            positives = _total(self.positives[k])
             if 0 < positives < count:
                 out[f"{task.path}/auroc"] = self.aurocs[k].compute()
         elif task.kind == "multilabel":
@@ -286,46 +284,33 @@ class FlowMetrics(nn.Module):
         """long[C, C] (rows: truth, columns: prediction) for a multiclass task that saw rows, else None."""
         self._flush()
         k = module_key(path)
-        if k not in self.confusions or _total(self.counts[k]) <= 0:
+        if k not in self.confusions or not _totals(self.sums)[self._row_of[path], _COUNT] > 0:
             return None
         return self.confusions[k].compute()
 
-    def _sums(self) -> tuple[nn.ModuleDict, ...]:
-        """The per-task sums (each a SumMetric per task path)."""
-        return (
-            self.counts,
-            self.nan_rows,
-            self.e2e_right,
-            self.e2e_rows,
-            self.loss_sums,
-            self.loss_denominators,
-        )
-
     def reset(self) -> None:
         self._pending, self._loss_pending, self._extra_pending, self._rows_pending = [], {}, None, 0
-        for coll in (self.scores, self.aurocs, self.positives, self.confusions, *self._sums()):
+        for coll in (self.scores, self.aurocs, self.confusions):
             for m in coll.values():
                 m.reset()
-        self.extra_sum.reset()
-        self.rows.reset()
+        self.sums.zero_()
+        self.flow_sums.zero_()
 
 
-def _sum() -> SumMetric:
-    """A sum that keeps NaN (torchmetrics' default drops it with a warning, so a diverged epoch summed to 0)."""
-    return SumMetric(nan_strategy="disable")
+# The columns of FlowMetrics.sums (per task) and flow_sums. NaN stays NaN in a sum: a diverged epoch is not 0.
+_SUMS = ("count", "nan_rows", "e2e_right", "e2e_rows", "positives", "loss_sum", "loss_amount")
+_COUNT, _LOSS_SUM, _LOSS_AMOUNT = _SUMS.index("count"), _SUMS.index("loss_sum"), _SUMS.index("loss_amount")
+_FLOW_SUMS = ("extra", "rows")
+_EXTRA, _ROWS = _FLOW_SUMS.index("extra"), _FLOW_SUMS.index("rows")
 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _total(metric: SumMetric) -> torch.Tensor:
-    """The sum, 0 when nothing was added. Across processes every rank computes (and so synchronizes) it, also a rank
-    that saw no rows."""
-    if metric.update_count:
-        return metric.compute()
+def _totals(sums: torch.Tensor) -> torch.Tensor:
+    """`sums` over all processes (a collective under DDP: every rank calls it, in the same order), as a copy."""
+    total = sums.clone()
     if _distributed():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "compute before update": expected on a rank without rows
-            return metric.compute().float()
-    return torch.tensor(0.0)
+        torch.distributed.all_reduce(total)
+    return total

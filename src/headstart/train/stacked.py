@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from headstart.core.attributes import PlainAttributes
 from headstart.core.model import HeadstartModel
 
 
@@ -62,7 +63,7 @@ def _improves(value: float, best: float | None, mode: str, min_delta: float = 0.
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-class StackedHeads(L.LightningModule):
+class StackedHeads(PlainAttributes, L.LightningModule):
     """Train `heads` (feature-only HeadstartModels) on the same batches, each with its own learning rate and weight
     decay (`lrs`, `weight_decays`); `make_optimizer(params=[groups])` and `make_scheduler(optimizer=...)` build the
     one optimizer (a parameter group per head) and its per-epoch scheduler. `monitor`: what "best" means per head
