@@ -7,7 +7,9 @@
 (c) one head-training epoch on DoF features against one epoch of the same head on images through the frozen
     backbone, both through headstart's trainer, and their ratio;
 (d) a DoF epoch through headstart against a bare PyTorch loop over the same in-memory tensors, on a synthetic set of
-    --rows rows (per-epoch fixed costs would hide per-step overhead on a 200-image set), and their ratio.
+    --rows rows (per-epoch fixed costs would hide per-step overhead on a 200-image set), and their ratio; beside them
+    the same head and optimizer in the smallest LightningModule (cross-entropy, no metrics, no callbacks, no logger)
+    through a Lightning Trainer: the ceiling of any model trained one Lightning step per batch.
 
 On a CUDA machine, benchmarks/gpu.sh measures (a), (b) and (d) on the GPU (fp32 and fp16/bf16 autocast) in its table.
 """
@@ -90,6 +92,50 @@ def bare_epochs(
             optimizer.step()
         times.append(time.perf_counter() - t)
     return times[1:]
+
+
+class _Plain(L.LightningModule):
+    """The least a LightningModule does: the head's cross-entropy, one optimizer step per batch."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.head(batch[0])["label"], batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.head.parameters(), lr=1e-3)
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[rows], self.labels[rows]
+
+
+def lightning_floor_epochs(
+    features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, batch: int, n: int
+) -> list[float]:
+    timer = EpochCostTimer()
+    order = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(features), batch, drop_last=False)
+    loader = torch.utils.data.DataLoader(_Rows(features, labels), sampler=order, batch_size=None)
+    trainer = L.Trainer(
+        max_epochs=n,
+        accelerator="auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(_Plain(head), loader)
+    return timer.epoch_seconds[1:]
 
 
 def synthetic_set(root: Path, rows: int, dim: int) -> Path:
@@ -178,11 +224,14 @@ def main() -> None:
             arrays = synth_dm.dof.split("train").arrays()
             features = torch.from_numpy(arrays["features"]).float()
             labels = torch.from_numpy(arrays["target.label"]).long()
-            hs, bare = [], []
+            hs, bare, floor = [], [], []
             for _ in range(args.rounds):
                 hs += headstart_epochs(synth_cfg, synth_dm, 3)
                 bare += bare_epochs(features, labels, build_model(synth_cfg, synth_dm), batch, 3)
-            d_rows.append((batch, statistics.median(bare), statistics.median(hs)))
+                floor += lightning_floor_epochs(
+                    features, labels, build_model(synth_cfg, synth_dm).head, batch, 3
+                )
+            d_rows.append((batch, statistics.median(bare), statistics.median(hs), statistics.median(floor)))
 
     print(
         f"data: {args.root} ({n_images} images), backbone {args.backbone}, {torch.get_num_threads()} threads, "
@@ -195,13 +244,17 @@ def main() -> None:
         f"    head epoch on DoF features             : {on_features:9.4f} s/epoch   "
         f"images/features {on_images / on_features:,.0f}x"
     )
-    for batch, d_bare, d_hs in d_rows:
+    for batch, d_bare, d_hs, d_floor in d_rows:
         default = " (the default extract.train_batch_size)" if batch == cfg.extract.train_batch_size else ""
         print(f"(d) batch {batch}{default}, {args.rows} rows:")
         print(f"    DoF epoch, bare PyTorch loop           : {d_bare:9.4f} s/epoch")
         print(
             f"    DoF epoch, headstart                   : {d_hs:9.4f} s/epoch   headstart/bare throughput "
             f"{d_bare / d_hs:.2f}"
+        )
+        print(
+            f"    DoF epoch, smallest LightningModule    : {d_floor:9.4f} s/epoch   its/bare throughput "
+            f"{d_bare / d_floor:.2f} (Lightning's own per-step cost)"
         )
 
 

@@ -820,3 +820,82 @@ def test_one_decision_rule_whatever_the_batch_position_or_logit_dtype():
     )
     assert torch.equal(task.decode(near, 0.3), task.decode(near.float(), 0.3))
     assert torch.equal(task.decode(z.bfloat16(), 0.3), task.decode(z.bfloat16().float(), 0.3))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scores_from_counts_equal_torchmetrics_on_the_same_rows(seed):
+    """FlowMetrics counts instead of keeping torchmetrics objects; its scores must be torchmetrics' on the rows where
+    each task applies, batched any way (a class that never occurs, NaN labels and 0/0 cases included)."""
+    import torchmetrics.functional.classification as C
+    from torchmetrics.functional import mean_absolute_error, mean_squared_error
+
+    g = torch.Generator().manual_seed(seed)
+    flow = TaskFlow.from_spec(
+        {
+            "tasks": {
+                "b": {"kind": "binary"},
+                "m": {"kind": "multiclass", "classes": 6},
+                "l": {"kind": "multilabel", "classes": ["x", "y", "z"]},
+                "r": {"kind": "regression"},
+                "s": {"kind": "bounded_regression", "scale": 4},
+            }
+        }
+    )
+    n = 97
+    logits = {
+        "b": torch.randn(n, generator=g),
+        "m": torch.randn(n, 6, generator=g) - torch.tensor([0, 0, 0, 0, 0, 9.0]),  # class 5: never predicted
+        "l": torch.randn(n, 3, generator=g) + torch.tensor([0, 0, -9.0]),  # z: never predicted
+        "r": torch.randn(n, generator=g),
+        "s": torch.randn(n, generator=g),
+    }
+    nan = lambda shape: torch.rand(shape, generator=g) < 0.2  # noqa: E731
+    targets = {
+        "b": torch.where(nan(n), torch.nan, torch.randint(0, 2, (n,), generator=g).float()),
+        "m": torch.where(
+            nan(n), torch.nan, torch.randint(0, 5, (n,), generator=g).float()
+        ),  # class 5: never true
+        "l": torch.where(nan((n, 3)), torch.nan, torch.randint(0, 2, (n, 3), generator=g).float()),
+        "r": torch.where(nan(n), torch.nan, torch.randn(n, generator=g) * 3),
+        "s": torch.where(nan(n), torch.nan, torch.rand(n, generator=g) * 4),
+    }
+    targets["l"][:, 2] = torch.where(torch.isnan(targets["l"][:, 2]), torch.nan, 0.0)  # z: never true
+    metrics = FlowMetrics(flow, flush_every=3)
+    for rows in torch.arange(n).split(13):
+        metrics.update({k: v[rows] for k, v in logits.items()}, {k: v[rows] for k, v in targets.items()})
+    got = {k: v.item() for k, v in metrics.compute().items()}
+
+    masks = flow.masks(targets)
+    b = masks["b"]
+    pb, tb = decision_scores(logits["b"][b]), targets["b"][b].long()
+    th = flow.thresholds.get("b", 0.5)
+    want = {
+        "b/acc": C.binary_accuracy(pb, tb, threshold=th),
+        "b/precision": C.binary_precision(pb, tb, threshold=th),
+        "b/recall": C.binary_recall(pb, tb, threshold=th),
+        "b/f1": C.binary_f1_score(pb, tb, threshold=th),
+        "b/auroc": C.binary_auroc(pb, tb),
+    }
+    m = masks["m"]
+    lm, tm = logits["m"][m], targets["m"][m].long()
+    want["m/acc"] = C.multiclass_accuracy(lm, tm, 6, average="micro")
+    want["m/top3_acc"] = C.multiclass_accuracy(lm, tm, 6, average="micro", top_k=3)
+    want["m/f1"] = C.multiclass_f1_score(lm, tm, 6, average="macro")
+    ll = logits["l"][masks["l"]]
+    tl = torch.nan_to_num(targets["l"][masks["l"]], nan=-1.0).long()
+    per_class = C.multilabel_f1_score(decision_scores(ll), tl, 3, average=None, ignore_index=-1)
+    want["l/acc"] = C.multilabel_accuracy(decision_scores(ll), tl, 3, average="micro", ignore_index=-1)
+    want.update({f"l/f1_{c}": per_class[i] for i, c in enumerate("xyz")})
+    want["l/f1"] = per_class.mean()
+    r = masks["r"]
+    want["r/mae"] = mean_absolute_error(logits["r"][r], targets["r"][r])
+    want["r/rmse"] = mean_squared_error(logits["r"][r], targets["r"][r], squared=False)
+    s = masks["s"]
+    decoded = torch.sigmoid(logits["s"][s]) * 4
+    want["s/mae"] = mean_absolute_error(decoded, targets["s"][s])
+    want["s/rmse"] = mean_squared_error(decoded, targets["s"][s], squared=False)
+    want["s/nmae"] = want["s/mae"] / 4
+    assert want["l/f1_z"] == 0  # a 0/0 class is among the checks
+    for name, value in want.items():
+        assert got[name] == pytest.approx(float(value), abs=1e-6), name
+    assert metrics.confusion("m").tolist() == C.multiclass_confusion_matrix(lm, tm, 6).tolist()

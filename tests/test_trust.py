@@ -395,15 +395,16 @@ def test_a_truncated_checkpoint_is_one_clear_message(tmp_path):
 
 
 def test_ctrl_c_during_extraction_says_how_to_resume(tmp_path):
-    make_tree(tmp_path / "imgs", {"train": {"a": 120, "b": 120}})
+    # long enough (a few seconds, one image a batch) that the interrupt always lands while it extracts
+    make_tree(tmp_path / "imgs", {"train": {"a": 300, "b": 300}})
     args = [
         sys.executable,
         "extract.py",
         "data=folder",
         f"data.root={tmp_path / 'imgs'}",
         "data.num_workers=0",
-        "extract.shard_size=8",
-        "extract.batch_size=4",
+        "extract.shard_size=4",
+        "extract.batch_size=1",
         f"paths.root_dir={tmp_path}",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

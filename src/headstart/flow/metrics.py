@@ -1,8 +1,15 @@
 """Per-task metrics and losses, computed on the rows where each task applies (by ground truth).
 
-Steps only append detached logits and targets to a buffer; the stateful torchmetrics are updated with the masked
-rows when the buffer is flushed (at `compute`, or every `flush_every` batches to bound memory), so a training step
-pays microseconds for its metrics, and empty batches do not drag averages down.
+Steps only append detached logits and targets to a buffer; the masked rows are counted when the buffer is flushed
+(at `compute`, or every `flush_every` batches to bound memory), so a training step pays microseconds for its metrics,
+and empty batches do not drag averages down.
+
+Every score but AUROC is a ratio of counts (binary: true/false positives/negatives; multiclass: the confusion matrix
+and the top-k hits; multilabel: those four per class) or of sums (regression errors), kept in plain tensors and
+summed across processes at `compute`. torchmetrics' formulas and conventions are kept (a 0/0 score is 0; macro F1
+averages the classes that occur in the targets or the predictions) and tests compare the two on random data; its
+stateful Metric objects are not used for them: a stack of 48 heads holds 144 of these, and updating and resetting a
+Metric module costs more than a small head's step. AUROC needs every score and stays torchmetrics' BinaryAUROC.
 
 The epoch loss (`loss`) does not depend on how the rows were batched or shared between processes: each task's loss
 is its mean over all the epoch's rows where it applies (every batch mean weighted by what it was a mean over), and
@@ -33,54 +40,25 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
-from torchmetrics.classification import (
-    BinaryAccuracy,
-    BinaryAUROC,
-    BinaryF1Score,
-    BinaryPrecision,
-    BinaryRecall,
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MultilabelAccuracy,
-    MultilabelF1Score,
-)
+from torchmetrics.classification import BinaryAUROC
 
 from headstart.flow.flow import TaskFlow
 from headstart.flow.tasks import Task, module_key
 
 
-def _scores(task: Task) -> MetricCollection:
-    """The task's scores, each with its own state. torchmetrics' compute groups would share one state among metrics
-    whose states happened to be equal after their first update (top-1 F1 and top-k accuracy can be), and then report
-    the wrong value for the rest of training; across processes a rank may even share where another does not."""
-    return MetricCollection(_score_metrics(task), compute_groups=False)
-
-
-def _score_metrics(task: Task) -> dict:
+def _count_shape(task: Task) -> tuple[tuple[int, ...], torch.dtype]:
+    """The shape and dtype of a task's counts (see `_count`)."""
+    c = len(task.classes) if task.classes else 0
     if task.kind == "binary":
-        return {
-            "acc": BinaryAccuracy(),
-            "precision": BinaryPrecision(),
-            "recall": BinaryRecall(),
-            "f1": BinaryF1Score(),
-        }
+        return (4,), torch.long  # tp, fp, fn, tn
     if task.kind == "multiclass":
-        c = len(task.classes)
-        metrics = {"acc": MulticlassAccuracy(c, average="micro")}
-        if c > 2:
-            k = min(3, c - 1)
-            metrics[f"top{k}_acc"] = MulticlassAccuracy(c, top_k=k, average="micro")
-        metrics["f1"] = MulticlassF1Score(c, average="macro")
-        return metrics
+        return (
+            c + 1,
+            c,
+        ), torch.long  # rows 0..C-1: the confusion matrix (truth, prediction); row C: [top-k hits]
     if task.kind == "multilabel":
-        c = len(task.classes)
-        return {
-            "f1": MultilabelF1Score(c, average=None, ignore_index=-1),
-            "acc": MultilabelAccuracy(c, average="micro", ignore_index=-1),
-        }
-    return {"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False)}
+        return (c, 4), torch.long  # per class: tp, fp, fn, tn over its labelled entries
+    return (2,), torch.float32  # sum of |error|, sum of error^2 (in target units)
 
 
 class FlowMetrics(nn.Module):
@@ -91,20 +69,18 @@ class FlowMetrics(nn.Module):
         self.flow = flow
         self.tolerance = tolerance
         self.flush_every = flush_every
-        self.scores = nn.ModuleDict()
         self.aurocs = nn.ModuleDict()
-        self.confusions = nn.ModuleDict()
         for path, task in flow.tasks.items():
-            k = module_key(path)
-            self.scores[k] = _scores(task)
             if task.kind == "binary":
-                self.aurocs[k] = BinaryAUROC()
-            if task.kind == "multiclass":
-                self.confusions[k] = MulticlassConfusionMatrix(len(task.classes))
+                self.aurocs[module_key(path)] = BinaryAUROC()
+            shape, dtype = _count_shape(task)
+            self.register_buffer(
+                f"counts__{module_key(path)}", torch.zeros(shape, dtype=dtype), persistent=False
+            )
         self._row_of = {path: i for i, path in enumerate(flow.tasks)}
-        # The epoch's sums, one row per task (columns: _SUMS) and one for the flow: plain tensors added to in place
-        # (a torchmetrics SumMetric per number cost more than a small head's step to update and reset), summed across
-        # processes in one collective at compute. Not in state_dict: a checkpoint holds no epoch in progress.
+        # The epoch's sums, one row per task (columns: _SUMS) and one for the flow, and each task's counts above:
+        # plain tensors added to in place, summed across processes at compute. Not in state_dict: a checkpoint holds
+        # no epoch in progress.
         self.register_buffer("sums", torch.zeros(len(flow.tasks), len(_SUMS)), persistent=False)
         self.register_buffer("flow_sums", torch.zeros(len(_FLOW_SUMS)), persistent=False)
         # The loss weighting a step used (an UncertaintyWeighting), kept out of this module's children: its
@@ -199,19 +175,25 @@ class FlowMetrics(nn.Module):
     def _update_scores(
         self, task: Task, k: str, logits: torch.Tensor, value: torch.Tensor, target: torch.Tensor
     ) -> None:
+        counts = self._buffers[f"counts__{k}"]
         if task.kind == "binary":
-            truth = (target > 0.5).long()
-            self.scores[k].update(value.long(), truth)
-            self.aurocs[k].update(task.probabilities(logits), truth)
+            truth = target > 0.5
+            self.aurocs[k].update(task.probabilities(logits), truth.long())
+            counts += _four(value.bool(), truth).sum(0)
         elif task.kind == "multiclass":
-            truth = target.long()
-            self.scores[k].update(logits.float(), truth)
-            self.confusions[k].update(value, truth)
+            c, truth = len(task.classes), target.long()
+            if bool((truth < 0).any() | (truth >= c).any()):
+                raise ValueError(f"task {task.path!r}: a class index outside 0..{c - 1} in the targets")
+            counts[:c] += torch.bincount(truth * c + value, minlength=c * c).view(c, c)
+            if c > 2:
+                top = logits.topk(min(3, c - 1), dim=-1).indices
+                counts[c, 0] += (top == truth.unsqueeze(-1)).any(-1).sum()
         elif task.kind == "multilabel":
-            truth = torch.where(torch.isnan(target), -1.0, target).long()
-            self.scores[k].update(value.long(), truth)
+            labelled = ~torch.isnan(target)
+            counts += (_four(value.bool(), target > 0.5) & labelled.unsqueeze(-1)).sum(0)
         else:
-            self.scores[k].update(value.float(), target.float())
+            error = value.float() - target.float()
+            counts += torch.stack([error.abs().sum(), (error * error).sum()])
 
     def _flush(self) -> None:
         self._flush_rows()
@@ -263,38 +245,57 @@ class FlowMetrics(nn.Module):
     def _task_scores(
         self, task: Task, k: str, count: torch.Tensor, positives: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        values = self.scores[k].compute()
-        out = {
-            f"{task.path}/{name}": v
-            for name, v in values.items()
-            if not (task.kind == "multilabel" and name == "f1")
-        }
+        counts = _totals(self._buffers[f"counts__{k}"]).float()
+        p = task.path
         if task.kind == "binary":
+            tp, fp, fn, tn = counts
+            out = {
+                f"{p}/acc": (tp + tn) / counts.sum(),
+                f"{p}/precision": _ratio(tp, tp + fp),
+                f"{p}/recall": _ratio(tp, tp + fn),
+                f"{p}/f1": _ratio(2 * tp, 2 * tp + fp + fn),
+            }
             if 0 < positives < count:
-                out[f"{task.path}/auroc"] = self.aurocs[k].compute()
-        elif task.kind == "multilabel":
-            per_class = values["f1"]
-            out.update({f"{task.path}/f1_{c}": per_class[i] for i, c in enumerate(task.classes)})
-            out[f"{task.path}/f1"] = per_class.mean()
-        elif task.kind == "bounded_regression":
-            out[f"{task.path}/nmae"] = values["mae"] / task.scale
+                out[f"{p}/auroc"] = self.aurocs[k].compute()
+            return out
+        if task.kind == "multiclass":
+            c = len(task.classes)
+            confusion, rows = counts[:c], counts[:c].sum()
+            tp = confusion.diagonal()
+            out = {f"{p}/acc": tp.sum() / rows}
+            if c > 2:
+                out[f"{p}/top{min(3, c - 1)}_acc"] = counts[c, 0] / rows
+            missed, wrongly = confusion.sum(1) - tp, confusion.sum(0) - tp
+            occurs = (tp + missed + wrongly) > 0
+            out[f"{p}/f1"] = _ratio(2 * tp, 2 * tp + missed + wrongly)[occurs].mean()
+            return out
+        if task.kind == "multilabel":
+            tp, fp, fn, tn = counts.unbind(-1)
+            per_class = _ratio(2 * tp, 2 * tp + fp + fn)
+            out = {f"{p}/acc": (tp + tn).sum() / counts.sum()}
+            out.update({f"{p}/f1_{c}": per_class[i] for i, c in enumerate(task.classes)})
+            out[f"{p}/f1"] = per_class.mean()
+            return out
+        abs_sum, sq_sum = counts
+        out = {f"{p}/mae": abs_sum / count, f"{p}/rmse": (sq_sum / count).sqrt()}
+        if task.kind == "bounded_regression":
+            out[f"{p}/nmae"] = out[f"{p}/mae"] / task.scale
         return out
 
     def confusion(self, path: str) -> torch.Tensor | None:
         """long[C, C] (rows: truth, columns: prediction) for a multiclass task that saw rows, else None."""
         self._flush()
-        k = module_key(path)
-        if k not in self.confusions or not _totals(self.sums)[self._row_of[path], _COUNT] > 0:
+        task = self.flow.tasks[path]
+        if task.kind != "multiclass" or not _totals(self.sums)[self._row_of[path], _COUNT] > 0:
             return None
-        return self.confusions[k].compute()
+        return _totals(self._buffers[f"counts__{module_key(path)}"])[: len(task.classes)]
 
     def reset(self) -> None:
         self._pending, self._loss_pending, self._extra_pending, self._rows_pending = [], {}, None, 0
-        for coll in (self.scores, self.aurocs, self.confusions):
-            for m in coll.values():
-                m.reset()
-        self.sums.zero_()
-        self.flow_sums.zero_()
+        for auroc in self.aurocs.values():
+            auroc.reset()
+        for buffer in self.buffers(recurse=False):
+            buffer.zero_()
 
 
 # The columns of FlowMetrics.sums (per task) and flow_sums. NaN stays NaN in a sum: a diverged epoch is not 0.
@@ -302,6 +303,18 @@ _SUMS = ("count", "nan_rows", "e2e_right", "e2e_rows", "positives", "loss_sum", 
 _COUNT, _LOSS_SUM, _LOSS_AMOUNT = _SUMS.index("count"), _SUMS.index("loss_sum"), _SUMS.index("loss_amount")
 _FLOW_SUMS = ("extra", "rows")
 _EXTRA, _ROWS = _FLOW_SUMS.index("extra"), _FLOW_SUMS.index("rows")
+
+
+def _four(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """bool[..., 4]: each entry as a true positive, false positive, false negative, true negative."""
+    return torch.stack(
+        [predicted & truth, predicted & ~truth, ~predicted & truth, ~predicted & ~truth], dim=-1
+    )
+
+
+def _ratio(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """part / whole, 0 where whole is 0 (torchmetrics' zero_division=0)."""
+    return torch.where(whole > 0, part / whole.clamp(min=1), torch.zeros_like(part))
 
 
 def _distributed() -> bool:

@@ -231,7 +231,7 @@ def _prepare_distributed(trainer: L.Trainer, datamodule: L.LightningDataModule) 
         name = f"{stage}_dataloader"
         if getattr(type(datamodule), name, None) is not None:
             setattr(datamodule, name, EvaluatedOnce(datamodule, name))
-    # FlowMetrics are torchmetrics synchronized across processes at compute(); the values they log are already
+    # FlowMetrics sum their counts across processes at compute(); the values they log are already
     # the same on every rank, so Lightning's advice to log them with sync_dist=True (another reduction) is moot.
     warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 

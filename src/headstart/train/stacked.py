@@ -121,8 +121,8 @@ class StackedHeads(PlainAttributes, L.LightningModule):
             with torch.no_grad():
                 self._losses(batch, "val", self._active())
 
-    # Each stage's metrics are reset right after they are computed (`_record`; torchmetrics' reset costs more than a
-    # small head's step, and a stack resets every head's), so the epochs start from empty metrics.
+    # Each stage's metrics are reset right after they are computed (`_record`), so the epochs start from empty
+    # metrics without a second pass over every head's.
     def on_train_epoch_start(self) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False)
         name = f"lr-{type(optimizer).__name__}"  # what LearningRateMonitor names it for a job alone
