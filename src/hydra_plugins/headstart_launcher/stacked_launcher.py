@@ -176,10 +176,13 @@ def derived_config(
 
 
 class _Writer:
-    """The task function of a stacked job: writes its run directory from the trained stack."""
+    """The task function of a stacked job: writes its run directory from the trained stack.
+
+    It writes with the job's config as resolved before training (the group's `cfgs`: the same values as the config
+    run_job hands it, whose interpolations would be resolved again on every read)."""
 
     def __init__(self, write: Any, group: Any, k: int) -> None:
         self.write, self.group, self.k = write, group, k
 
     def __call__(self, cfg: DictConfig) -> Any:
-        return self.write(cfg, self.group, self.k)
+        return self.write(self.group.cfgs[self.k], self.group, self.k)
