@@ -8,8 +8,8 @@ Every score but AUROC is a ratio of counts (binary: true/false positives/negativ
 and the top-k hits; multilabel: those four per class) or of sums (regression errors), kept in plain tensors and
 summed across processes at `compute`. torchmetrics' formulas and conventions are kept (a 0/0 score is 0; macro F1
 averages the classes that occur in the targets or the predictions) and tests compare the two on random data; its
-stateful Metric objects are not used for them: a stack of 48 heads holds 144 of these, and updating and resetting a
-Metric module costs more than a small head's step. AUROC needs every score and stays torchmetrics' BinaryAUROC.
+stateful Metric objects are not used for them: a stack of 48 heads holds 144 FlowMetrics, and updating and resetting
+a Metric module costs more than a small head's step. AUROC needs every score and stays torchmetrics' BinaryAUROC.
 
 The epoch loss (`loss`) does not depend on how the rows were batched or shared between processes: each task's loss
 is its mean over all the epoch's rows where it applies (every batch mean weighted by what it was a mean over), and
@@ -47,18 +47,17 @@ from headstart.flow.tasks import Task, module_key
 
 
 def _count_shape(task: Task) -> tuple[tuple[int, ...], torch.dtype]:
-    """The shape and dtype of a task's counts (see `_count`)."""
+    """The shape and dtype of a task's counts, as `FlowMetrics._update_scores` adds to them:
+    binary [tp, fp, fn, tn]; multiclass rows 0..C-1 the confusion matrix (truth, prediction) and row C [top-k hits];
+    multilabel [tp, fp, fn, tn] per class over its labelled entries; regression kinds [sum |error|, sum error^2]."""
     c = len(task.classes) if task.classes else 0
     if task.kind == "binary":
-        return (4,), torch.long  # tp, fp, fn, tn
+        return (4,), torch.long
     if task.kind == "multiclass":
-        return (
-            c + 1,
-            c,
-        ), torch.long  # rows 0..C-1: the confusion matrix (truth, prediction); row C: [top-k hits]
+        return (c + 1, c), torch.long
     if task.kind == "multilabel":
-        return (c, 4), torch.long  # per class: tp, fp, fn, tn over its labelled entries
-    return (2,), torch.float32  # sum of |error|, sum of error^2 (in target units)
+        return (c, 4), torch.long
+    return (2,), torch.float32
 
 
 class FlowMetrics(nn.Module):
