@@ -395,21 +395,28 @@ def test_a_truncated_checkpoint_is_one_clear_message(tmp_path):
 
 
 def test_ctrl_c_during_extraction_says_how_to_resume(tmp_path):
-    # long enough (a few seconds, one image a batch) that the interrupt always lands while it extracts
-    make_tree(tmp_path / "imgs", {"train": {"a": 300, "b": 300}})
+    make_tree(tmp_path / "imgs", {"train": {"a": 120, "b": 120}})
     args = [
         sys.executable,
         "extract.py",
         "data=folder",
         f"data.root={tmp_path / 'imgs'}",
         "data.num_workers=0",
-        "extract.shard_size=4",
-        "extract.batch_size=1",
+        "extract.shard_size=8",
+        "extract.batch_size=4",
         f"paths.root_dir={tmp_path}",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # Ctrl-C as in a terminal: a test run started in the background (bash `cmd &`) ignores SIGINT, and its
+        # children would inherit that and finish the extraction instead
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     for line in proc.stdout:
