@@ -50,6 +50,24 @@ def test_loss_is_exactly_zero_and_differentiable_when_no_label_present():
     assert torch.equal(logits["label"].grad, torch.zeros(4, 3))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_multiclass_loss_equals_cross_entropy_on_the_applicable_rows_and_ignores_nan_elsewhere(smoothing):
+    flow = _flow()
+    logits = torch.randn(6, 3)
+    logits[[1, 4]] = float("nan")  # rows without a label: neither the loss nor the gradient may see them
+    logits.requires_grad_(True)
+    targets = torch.tensor([0.0, float("nan"), 2.0, 1.0, float("nan"), 2.0])
+    weight = torch.tensor([1.0, 3.0, 0.5])
+    total, _ = flow.loss({"label": logits}, {"label": targets}, {"label": weight}, label_smoothing=smoothing)
+    rows = torch.tensor([0, 2, 3, 5])
+    expected = torch.nn.functional.cross_entropy(
+        logits[rows], targets[rows].long(), weight=weight, label_smoothing=smoothing
+    )
+    assert torch.allclose(total, expected)
+    total.backward()
+    assert torch.isfinite(logits.grad).all() and torch.equal(logits.grad[[1, 4]], torch.zeros(2, 3))
+
+
 def test_metrics_ignore_missing_labels_and_count_rows():
     flow = _flow()
     metrics = FlowMetrics(flow)

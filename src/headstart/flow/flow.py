@@ -36,6 +36,8 @@ class TaskFlow(FlowSpec):
 
     def masks(self, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{path: bool[N]}: where each task applies (is trained and scored), from ground truth."""
+        if not self.conditional:
+            return {p: t.present(targets[p]) for p, t in self.tasks.items()}
         present, value = self._truth(targets)
         holds = self.holds(present, value)
         return {p: present[p] & holds[p] for p in self.tasks}
@@ -98,7 +100,11 @@ class TaskFlow(FlowSpec):
             applies = {p: bool(m.any()) for p, m in masks.items()}
             weights = {p: t.weight for p, t in self.tasks.items()}
             return weighting(per_task, applies, weights), per_task
-        total = sum(self.tasks[p].weight * loss for p, loss in per_task.items())
+        total: torch.Tensor | None = None
+        for path, loss in per_task.items():
+            weight = self.tasks[path].weight
+            term = loss if weight == 1 else weight * loss
+            total = term if total is None else total + term
         return total, per_task
 
     def per_sample_loss(

@@ -1,6 +1,6 @@
 """Per-task metrics and losses, computed on the rows where each task applies (by ground truth).
 
-Steps only append detached logits and targets to a buffer; the masked rows are counted when the buffer is flushed
+Steps only append detached logits, targets and losses to a buffer; the masked rows are counted when it is flushed
 (at `compute`, or every `flush_every` batches to bound memory), so a training step pays microseconds for its metrics,
 and empty batches do not drag averages down.
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -85,10 +86,7 @@ class FlowMetrics(nn.Module):
         # The loss weighting a step used (an UncertaintyWeighting), kept out of this module's children: its
         # parameters belong to the model, not to the metrics' state.
         self.__dict__["_weighting"] = None
-        self._pending: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
-        self._loss_pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._extra_pending: torch.Tensor | None = None
-        self._rows_pending = 0
+        self._pending: list[_Batch] = []
 
     def update(
         self,
@@ -112,39 +110,59 @@ class FlowMetrics(nn.Module):
             raise ValueError(
                 f"task_losses maps task paths to their losses; {unknown[0]!r} is no task of this flow"
             )
-        n = next(iter(targets.values())).shape[0]
-        self._pending.append(
-            (
-                {p: t.flat(logits[p].detach()) for p, t in self.flow.tasks.items()},
-                {p: targets[p].detach() for p in self.flow.leaf_paths},
-            )
-        )
         if task_losses:
             self.__dict__["_weighting"] = weighting
-            masks = self.flow.masks(targets)
-            class_weights = class_weights or {}
-            for path, value in task_losses.items():
-                task = self.flow.tasks[path]
-                amount = task.loss_denominator(targets[path], masks[path], class_weights.get(path)).float()
-                weighted = value.detach().float() * amount
-                if path in self._loss_pending:
-                    total, amounts = self._loss_pending[path]
-                    weighted, amount = total + weighted, amounts + amount
-                self._loss_pending[path] = (weighted, amount)
-        if extra_loss is not None:
-            weighted = extra_loss.detach().float() * n
-            self._extra_pending = weighted if self._extra_pending is None else self._extra_pending + weighted
-        self._rows_pending += n
+            self.__dict__["_class_weights"] = dict(class_weights or {})
+        self._pending.append(
+            _Batch(
+                {p: t.flat(logits[p].detach()) for p, t in self.flow.tasks.items()},
+                {p: targets[p].detach() for p in self.flow.leaf_paths},
+                {p: v.detach() for p, v in task_losses.items()} if task_losses else {},
+                None if extra_loss is None else extra_loss.detach(),
+            )
+        )
         if len(self._pending) >= self.flush_every:
             self._flush()
 
-    def _flush_rows(self) -> None:
+    def _flush(self) -> None:
+        """Count the pending batches into the sums: their rows' scores, and their losses, each batch mean weighted
+        by what it was a mean over (one pass over all the pending rows, not one per batch)."""
         if not self._pending:
             return
-        logits = {p: torch.cat([b[0][p] for b in self._pending]) for p in self.flow.leaf_paths}
-        targets = {p: torch.cat([b[1][p] for b in self._pending]) for p in self.flow.leaf_paths}
-        self._pending = []
+        pending, self._pending = self._pending, []
+        logits = {p: torch.cat([b.logits[p] for b in pending]) for p in self.flow.leaf_paths}
+        targets = {p: torch.cat([b.targets[p] for b in pending]) for p in self.flow.leaf_paths}
+        sizes = [len(next(iter(b.targets.values()))) for b in pending]
         masks = self.flow.masks(targets)
+        self._count_rows(logits, targets, masks)
+        device = self.sums.device
+        batch_of = torch.repeat_interleave(
+            torch.arange(len(pending), device=device), torch.tensor(sizes, device=device)
+        )
+        class_weights = self.__dict__.get("_class_weights") or {}
+        for path, task in self.flow.tasks.items():
+            chosen = [i for i, b in enumerate(pending) if path in b.losses]
+            if not chosen:
+                continue
+            rows = task.loss_amounts(targets[path], masks[path], class_weights.get(path))
+            per_batch = torch.zeros(len(pending), device=device).index_add_(
+                0, batch_of, rows.to(device).float()
+            )
+            amounts = per_batch[chosen]
+            losses = torch.stack([pending[i].losses[path].float() for i in chosen]).to(device)
+            self.sums[self._row_of[path], _LOSS_SUM] += (losses * amounts).sum()
+            self.sums[self._row_of[path], _LOSS_AMOUNT] += amounts.sum()
+        extras = [(b.extra.float() * n) for b, n in zip(pending, sizes, strict=True) if b.extra is not None]
+        if extras:
+            self.flow_sums[_EXTRA] += torch.stack(extras).sum().to(self.flow_sums.dtype)
+        self.flow_sums[_ROWS] += float(sum(sizes))
+
+    def _count_rows(
+        self,
+        logits: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor],
+    ) -> None:
         holds = self.flow.condition_holds(targets)
         known = self.flow.known_applicability(targets)
         predicted = self.flow.predicted_applicability(logits)
@@ -193,16 +211,6 @@ class FlowMetrics(nn.Module):
         else:
             error = value.float() - target.float()
             counts += torch.stack([error.abs().sum(), (error * error).sum()])
-
-    def _flush(self) -> None:
-        self._flush_rows()
-        for path, (weighted, amount) in self._loss_pending.items():
-            self.sums[self._row_of[path], _LOSS_SUM] += weighted.to(self.sums.dtype)
-            self.sums[self._row_of[path], _LOSS_AMOUNT] += amount.to(self.sums.dtype)
-        if self._extra_pending is not None:
-            self.flow_sums[_EXTRA] += self._extra_pending.to(self.flow_sums.dtype)
-        self.flow_sums[_ROWS] += float(self._rows_pending)
-        self._loss_pending, self._extra_pending, self._rows_pending = {}, None, 0
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The epoch's values; across processes (DDP) every metric is synchronized, so all ranks get the same."""
@@ -290,7 +298,7 @@ class FlowMetrics(nn.Module):
         return _totals(self._buffers[f"counts__{module_key(path)}"])[: len(task.classes)]
 
     def reset(self) -> None:
-        self._pending, self._loss_pending, self._extra_pending, self._rows_pending = [], {}, None, 0
+        self._pending = []
         for auroc in self.aurocs.values():
             auroc.reset()
         for buffer in self.buffers(recurse=False):
@@ -302,6 +310,15 @@ _SUMS = ("count", "nan_rows", "e2e_right", "e2e_rows", "positives", "loss_sum", 
 _COUNT, _LOSS_SUM, _LOSS_AMOUNT = _SUMS.index("count"), _SUMS.index("loss_sum"), _SUMS.index("loss_amount")
 _FLOW_SUMS = ("extra", "rows")
 _EXTRA, _ROWS = _FLOW_SUMS.index("extra"), _FLOW_SUMS.index("rows")
+
+
+class _Batch(NamedTuple):
+    """A batch recorded by `FlowMetrics.update`, counted at the next flush."""
+
+    logits: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]
+    losses: dict[str, torch.Tensor]
+    extra: torch.Tensor | None
 
 
 def _four(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

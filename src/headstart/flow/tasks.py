@@ -22,6 +22,7 @@ from headstart.serve.flowspec import (  # noqa: F401 (names of the flow)
 )
 
 _SCALAR_KINDS = SCALAR_KINDS
+_IGNORED = -100.0  # the class index cross-entropy ignores
 
 
 class NonFiniteError(ValueError):
@@ -82,13 +83,34 @@ class Task(TaskSpec):
         `label_smoothing` applies to multiclass cross-entropy only.
         """
         if self.kind == "multiclass":
-            if not bool(mask.any()):
-                return torch.where(mask.unsqueeze(-1), logits, torch.zeros_like(logits)).sum() * 0.0
-            return F.cross_entropy(
-                logits[mask], target[mask].long(), weight=class_weight, label_smoothing=label_smoothing
+            # Rows outside the mask are ignored by index, not selected (no host sync); their logits are zeroed
+            # first, so that not even a NaN there reaches the loss or its gradient. The mean divides by what
+            # cross-entropy's own mean would.
+            safe = torch.where(mask, target, _IGNORED).long()
+            total = F.cross_entropy(
+                torch.where(mask.unsqueeze(-1), logits, 0.0),
+                safe,
+                weight=class_weight,
+                ignore_index=int(_IGNORED),
+                reduction="sum",
+                label_smoothing=label_smoothing,
             )
+            denominator = self.loss_denominator(target, mask, class_weight)
+            return total / (denominator + (denominator == 0))
         loss, valid = self._elementwise(logits, target, mask, class_weight)
         return loss.sum() / valid.sum().clamp(min=1)
+
+    def loss_amounts(
+        self, target: torch.Tensor, mask: torch.Tensor, class_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per row, what it adds to `loss_denominator`: the mask (bool), multilabel the row's labelled entries,
+        multiclass with class weights the row's class weight (0 outside the mask)."""
+        if self.kind == "multilabel":
+            return (mask.unsqueeze(-1) & ~torch.isnan(target)).sum(-1)
+        if self.kind == "multiclass" and class_weight is not None:
+            safe = torch.where(mask, target, torch.zeros_like(target)).long()
+            return torch.where(mask, class_weight.to(target.device)[safe], torch.zeros_like(target))
+        return mask
 
     def loss_denominator(
         self, target: torch.Tensor, mask: torch.Tensor, class_weight: torch.Tensor | None = None
@@ -96,12 +118,7 @@ class Task(TaskSpec):
         """What `loss` is a mean over: the rows in `mask`, multilabel the labelled (row, class) entries among them,
         multiclass with class weights the sum of those rows' class weights. Batch losses weighted by it average to
         the loss over all the rows at once, however they were batched."""
-        if self.kind == "multilabel":
-            return (mask.unsqueeze(-1) & ~torch.isnan(target)).sum()
-        if self.kind == "multiclass" and class_weight is not None:
-            safe = torch.where(mask, target, torch.zeros_like(target)).long()
-            return torch.where(mask, class_weight.to(target.device)[safe], torch.zeros_like(target)).sum()
-        return mask.sum()
+        return self.loss_amounts(target, mask, class_weight).sum()
 
     def per_sample_loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """float[N]: each row's loss (multilabel: mean over its classes), 0 where the task does not apply."""

@@ -395,6 +395,11 @@ class FlowSpec:
     def leaf_paths(self) -> list[str]:
         return list(self.tasks)
 
+    @property
+    def conditional(self) -> bool:
+        """Whether any task carries a condition (its own or a group's)."""
+        return any(self._clauses.values())
+
     def condition_text(self, path: str) -> str | None:
         """The whole condition of a task (groups' and its own, joined with `&`), or None."""
         texts = [c.text if len(self._clauses[path]) == 1 else f"({c.text})" for c in self._clauses[path]]
