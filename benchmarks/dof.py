@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/dof.py [--root DIR] [--backbone efficientnet_lite0] [--rounds 3] [--rows 50000]
 
-(a) the backbone's pure forward images/s on preloaded tensors;
+(a) the backbone's pure forward images/s on preloaded tensors, as headstart runs it (on the CPU in chunks that the
+    allocator keeps: headstart.core.cpu_forward) and as one call per batch;
 (b) extraction images/s end to end (decode, transform, forward, write) and its ratio to (a);
 (c) one head-training epoch on DoF features against one epoch of the same head on images through the frozen
     backbone, both through headstart's trainer, and their ratio;
@@ -28,6 +29,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from headstart.core.cpu_forward import inference_forward
 from headstart.data.extraction import dof_spec, extract_dof, manifest_meta
 from headstart.data.features import FeatureDataModule
 from headstart.dof import DofWriter
@@ -58,13 +60,16 @@ def compose_cfg(args: argparse.Namespace, tmp: str, *extra: str):
         return compose("train", overrides=overrides)
 
 
-def forward_rate(backbone: torch.nn.Module, size: int, batch: int, n: int) -> float:
+def forward_rate(backbone: torch.nn.Module, size: int, batch: int, n: int, one_call: bool = False) -> float:
+    """Images/s of the backbone's forward on a preloaded batch: as headstart runs it (`inference_forward`: on the
+    CPU in chunks), or with `one_call` as `backbone(batch)`."""
     x = torch.randn(batch, 3, size, size)
+    forward = backbone if one_call else lambda images: inference_forward(backbone, images)
     with torch.inference_mode():
-        backbone(x)
+        forward(x)
         t = time.perf_counter()
         for _ in range(max(1, n // batch)):
-            backbone(x)
+            forward(x)
     return max(1, n // batch) * batch / (time.perf_counter() - t)
 
 
@@ -183,9 +188,10 @@ def main() -> None:
         size = backbone.transform.crop
 
         # (a) and (b), alternating
-        pure, extracted = [], []
+        pure, one_call, extracted = [], [], []
         for r in range(args.rounds):
             pure.append(forward_rate(backbone, size, cfg.extract.batch_size, n_images))
+            one_call.append(forward_rate(backbone, size, cfg.extract.batch_size, n_images, one_call=True))
             spec = dof_spec(backbone, images_dm, None, 1, "float16")
             root = Path(tmp) / f"set{r}"
             t = time.perf_counter()
@@ -199,7 +205,7 @@ def main() -> None:
                 progress=False,
             )
             extracted.append(n_images / (time.perf_counter() - t))
-        a, b = statistics.median(pure), statistics.median(extracted)
+        a, a1, b = statistics.median(pure), statistics.median(one_call), statistics.median(extracted)
 
         # (c) one head epoch on features vs on images through the frozen backbone (both through headstart)
         feature_cfg = compose_cfg(args, tmp, "features=true", f"extract.path={Path(tmp) / 'set0'}")
@@ -238,6 +244,10 @@ def main() -> None:
         f"{args.workers} loader workers"
     )
     print(f"(a) backbone forward on preloaded tensors : {a:9.1f} images/s")
+    print(
+        f"    the same, one call per batch of {cfg.extract.batch_size:<4} : {a1:9.1f} images/s   (a)/this "
+        f"{a / a1:.2f} (headstart's CPU inference runs in chunks: core/cpu_forward.py)"
+    )
     print(f"(b) extraction end to end                  : {b:9.1f} images/s   ratio to (a) {b / a:.2f}")
     print(f"(c) head epoch on images (frozen backbone) : {on_images:9.4f} s/epoch")
     print(

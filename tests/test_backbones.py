@@ -18,6 +18,7 @@ from headstart.core.backbones import (
     efficientnet_lite0_imagenet,
     lite0,
 )
+from headstart.core.cpu_forward import CHUNK_BYTES, chunk_size, inference_forward, largest_activation_bytes
 from headstart.core.transforms import InputTransform, eval_transform
 from headstart.errors import ConfigError, WeightsError
 
@@ -544,3 +545,46 @@ def test_register_family_refuses_a_name_or_prefix_already_taken():
     with pytest.raises(ValueError, match="overlaps"):
         register_family(replace(timm_family, kind="another"))
     assert "another" not in {f.kind for f in families()}
+
+
+def _chunk_probe() -> tuple[nn.Module, list[int]]:
+    """A conv net whose largest activation is 64 x 128 x 128 float32 = 4 MiB per image: 4 images per 16 MiB chunk."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    calls: list[int] = []
+    net.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
+    return net, calls
+
+
+def test_cpu_inference_forward_runs_in_chunks_and_gives_the_same_outputs():
+    net, calls = _chunk_probe()
+    net.eval()
+    x = torch.randn(10, 3, 128, 128)
+    assert largest_activation_bytes(net, x[:1]) == 64 * 128 * 128 * 4
+    assert chunk_size(net, x) == CHUNK_BYTES // (64 * 128 * 128 * 4) == 4
+    calls.clear()
+    with torch.no_grad():
+        chunked = inference_forward(net, x)
+        assert calls == [4, 4, 2]
+        assert torch.allclose(chunked, net(x), atol=1e-6)
+
+
+def test_cpu_inference_forward_leaves_training_and_gradients_to_one_call():
+    net, calls = _chunk_probe()
+    x = torch.randn(10, 3, 128, 128)
+    inference_forward(net.eval(), x)  # gradients on: batch-dependent backward graphs stay whole
+    with torch.no_grad():
+        inference_forward(net.train(), x)  # training-mode batch norm uses the whole batch's statistics
+    assert calls == [10, 10]
+    # A frozen Backbone stays in training mode itself but keeps its body in eval mode: that is chunked, as in a
+    # HeadstartModel's training step on images (small_cnn at 256 x 256: 8 MiB per image, chunks of 2).
+    frozen = build_backbone(name="small_cnn", freeze=True).train()
+    body_calls: list[int] = []
+    frozen.body.register_forward_pre_hook(lambda _, args: body_calls.append(len(args[0])))
+    images = torch.randn(5, 3, 256, 256)
+    with torch.no_grad():
+        whole = frozen(images)
+        chunked = inference_forward(frozen, images)
+    assert body_calls == [5, 1, 2, 2, 1]  # one call; the measuring call on one image; the chunks
+    assert torch.allclose(chunked, whole, atol=1e-6)

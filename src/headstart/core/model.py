@@ -13,6 +13,7 @@ from torch import nn
 
 from headstart.core.attributes import PlainAttributes
 from headstart.core.backbones import Backbone, build_backbone
+from headstart.core.cpu_forward import inference_forward
 from headstart.core.transforms import InputTransform
 from headstart.errors import ConfigError
 from headstart.flow import FlowHead, FlowMetrics, TaskFlow, UncertaintyWeighting
@@ -151,8 +152,8 @@ class HeadstartModel(PlainAttributes, L.LightningModule):
             return inputs
         if self.backbone.frozen:
             with torch.no_grad():
-                return self.backbone(inputs)
-        return self.backbone(inputs)
+                return inference_forward(self.backbone, inputs)
+        return inference_forward(self.backbone, inputs)  # in training steps (gradients on): one call
 
     def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(self.features(inputs))

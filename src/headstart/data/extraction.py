@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import headstart
 from headstart.core.backbones import Backbone
+from headstart.core.cpu_forward import inference_forward
 from headstart.core.transforms import eval_transform, train_transform
 from headstart.data import ImageDataModule, collate_skip_none, data_flow
 from headstart.dof import DofWriter, fingerprint, open_dof
@@ -215,7 +216,7 @@ def extract_dof(
                 for batch in loader:
                     if batch is None:
                         continue
-                    out = backbone(batch["inputs"].to(device, non_blocking=True))
+                    out = inference_forward(backbone, batch["inputs"].to(device, non_blocking=True))
                     stored = out.to(getattr(torch, dtype))
                     check_finite_features(out, stored, batch["index"], table, backbone.name, dtype)
                     features.append(stored.cpu().numpy())
