@@ -601,3 +601,27 @@ def test_cpu_inference_forward_leaves_training_and_gradients_to_one_call():
         chunked = inference_forward(frozen, images)
     assert body_calls == [5, 1, 2, 2, 1]  # one call; the measuring call on one image; the chunks
     assert torch.allclose(chunked, whole, atol=1e-6)
+
+
+@GLIBC
+@pytest.mark.parametrize("user_setting", [None, "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"])
+def test_allocator_tuning_sets_the_thresholds_once_unless_the_user_set_them(monkeypatch, user_setting):
+    from headstart.core import cpu_forward
+
+    calls: list[tuple[int, int]] = []
+
+    class FakeLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(cpu_forward, "_tuned", None)
+    monkeypatch.setattr(cpu_forward.ctypes, "CDLL", lambda name: FakeLibc())
+    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(key, raising=False)
+    if user_setting == "GLIBC_TUNABLES":
+        monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")
+    elif user_setting:
+        monkeypatch.setenv(user_setting, "1048576")
+    assert cpu_forward.tune_cpu_allocator() and cpu_forward.tune_cpu_allocator()
+    assert calls == ([] if user_setting else [(-3, 32 * 1024**2), (-1, 256 * 1024**2)])

@@ -65,52 +65,57 @@ def _command(main: Callable[..., T]) -> Callable[..., T]:
     return command
 
 
+def run_stage(stage: Callable[..., T], cfg: DictConfig, **kwargs: Any) -> T:
+    """A stage as every command runs it: in a process whose C allocator is set up for PyTorch on the CPU
+    (`headstart.core.cpu_forward.tune_cpu_allocator`), guarded (`headstart.entry.run_guarded`)."""
+    from headstart.core.cpu_forward import tune_cpu_allocator
+    from headstart.entry import run_guarded
+
+    tune_cpu_allocator()
+    return run_guarded(stage, cfg, **kwargs)
+
+
 @_command
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def train(cfg: DictConfig) -> float | None:
     """Train, test and export one model: headstart-train [experiment=NAME] [group=option ...] [key=value ...]"""
-    from headstart.entry import run_guarded
     from headstart.train.recipe import train as train_stage
 
-    return run_guarded(train_stage, cfg)
+    return run_stage(train_stage, cfg)
 
 
 @_command
 @hydra.main(version_base="1.3", config_path=CONF, config_name="extract")
 def extract(cfg: DictConfig) -> None:
     """Extract a DoF feature set: headstart-extract [experiment=NAME] [extract.views=K] [verify=true]"""
-    from headstart.entry import run_guarded
     from headstart.train.extract import INTERRUPTED
     from headstart.train.extract import extract as extract_stage
 
-    run_guarded(extract_stage, cfg, interrupted=INTERRUPTED)
+    run_stage(extract_stage, cfg, interrupted=INTERRUPTED)
 
 
 @_command
 @hydra.main(version_base="1.3", config_path=CONF, config_name="evaluate")
 def evaluate(cfg: DictConfig) -> None:
     """Evaluate a model: headstart-evaluate model=RUN_DIR|CKPT|ONNX|BUNDLE [data=...] [split=test]"""
-    from headstart.entry import run_guarded
     from headstart.evaluate.evaluation import evaluate as evaluate_stage
 
-    run_guarded(evaluate_stage, cfg)
+    run_stage(evaluate_stage, cfg)
 
 
 @_command
 @hydra.main(version_base="1.3", config_path=CONF, config_name="predict")
 def predict(cfg: DictConfig) -> None:
     """Predict a folder, file or glob of images: headstart-predict model=BUNDLE inputs=FOLDER_OR_GLOB"""
-    from headstart.entry import run_guarded
     from headstart.evaluate.prediction import predict as predict_stage
 
-    run_guarded(predict_stage, cfg)
+    run_stage(predict_stage, cfg)
 
 
 @_command
 @hydra.main(version_base="1.3", config_path=CONF, config_name="prune")
 def prune(cfg: DictConfig) -> None:
     """Prune a trained model: headstart-prune model=RUN_DIR_OR_CKPT [pruning.ratio=0.5] [pruning.steps=8]"""
-    from headstart.entry import run_guarded
     from headstart.prune.recipe import prune as prune_stage
 
-    run_guarded(prune_stage, cfg)
+    run_stage(prune_stage, cfg)
