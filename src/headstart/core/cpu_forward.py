@@ -101,8 +101,9 @@ def chunk_size(module: nn.Module, inputs: torch.Tensor) -> int:
 
 def inference_forward(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """`module(inputs)`; on the CPU with glibc, in inference (no gradient, every leaf module in eval mode, not
-    traced), in chunks of `chunk_size` rows with the allocator tuned. Same outputs as one call, for modules whose rows do not
-    interact in eval mode. (A frozen `Backbone` in training mode keeps its body in eval mode: it is chunked.)"""
+    traced), in chunks of `chunk_size` rows with the allocator tuned. Same outputs as one call, for modules whose
+    rows do not interact in eval mode. (A frozen `Backbone` in training mode keeps its body in eval mode: it is
+    chunked.)"""
     if (
         inputs.device.type != "cpu"
         or len(inputs) <= 1
